@@ -1,0 +1,350 @@
+"""Run configuration: dataclasses loaded from YAML, `key.sub=value` overrides, validation.
+
+Precedence, lowest first: dataclass defaults < preset < YAML file < command-line keys.
+Every field carries its meaning inline; `rcsr-ray config` prints the resolved tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config error: {key}={value!r}: {allowed}")
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded benchmark (see README, "The embedded benchmark")."""
+
+    seed: int = 0  # the benchmark's own seed: runs with different `seed` share one dataset
+    train_images: int = 6000  # training images (each with `captions_per_image` captions)
+    test_images: int = 1000  # test images, standard 1k protocol
+    captions_per_image: int = 5
+    dim: int = 512  # embedding width, as CLIP ViT-B/32
+    concepts: int = 50  # semantic concepts (ground-truth clusters)
+    attributes: int = 24  # shared attribute vectors concepts are built from (overlap between concepts)
+    attributes_per_concept: int = 3
+    attribute_weight: float = 0.8  # share of a concept's direction made of shared attributes (0: disjoint concepts)
+    instance_spread: float = 0.75  # share of an image's content that is instance-specific, not concept
+    caption_noise: float = 1.8  # how loosely a caption describes its image (per-caption noise)
+    image_noise: float = 0.35  # per-image encoder noise on the image side
+    misalignment: float = 0.9  # concept-dependent offset of captions away from their images
+    instance_dim: int = 32  # dimension of the subspace holding instance detail (low: instances crowd)
+    rotation: float = 0.3  # angle (radians) by which captions see the instance detail rotated
+    modality_gap: float = 0.5  # constant offset between the image and the text cone, as in CLIP
+    client_shift: float = 0.35  # client-specific domain shift applied to each client's features, both modalities
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | features
+    path: str | None = None  # feature store folder when source=features
+    cache_dir: str | None = None  # where generated synthetic stores are kept (default ~/.cache/rcsr-ray)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PartitionConfig:
+    num_clients: int = 20
+    alpha: float | None = 0.1  # Dirichlet concentration over semantic clusters; null = IID
+    clusters: int = 50  # k-means clusters when the store has none
+    min_samples: int = 16  # minimum training images per client
+    missing_rate: float = 0.5  # share of clients lacking one modality
+    image_only_share: float = 0.5  # of those, share that are image-only (the rest text-only)
+
+
+@dataclass
+class AdapterConfig:
+    bottleneck: int = 64  # hidden width of the residual bottleneck
+    init_scale: float = 0.0  # std of the up-projection at init; 0 = start exactly at zero-shot
+
+
+@dataclass
+class ModelConfig:
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a client."""
+
+    local_epochs: int = 2
+    batch_size: int = 128  # images per batch, one random caption each
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.07  # InfoNCE temperature
+
+
+@dataclass
+class FedConfig:
+    method: str = "fedavg"  # fedavg | zeroshot | local | central
+    rounds: int = 30
+    participation: float = 0.5  # fraction of clients sampled each round
+    prox_mu: float = 0.0  # weight of the proximal term toward the global adapters (0 = off)
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "standard"  # standard (all captions per image) | diagonal (the authors' code)
+    every: int = 5  # evaluate every N rounds (the last round always)
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = "ray"  # ray | local
+    num_cpus: int | None = None  # CPUs for a locally started Ray instance (default: all)
+    address: str | None = None  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
+    client_cpus: float = 1.0  # CPUs reserved per client actor
+    clients_per_actor: int | None = None  # null = auto: one per actor while CPUs allow, else packed
+    torch_threads: int = 1  # intra-op threads per client update (keeps results identical across backends)
+
+
+@dataclass
+class Config:
+    seed: int = 0  # seeds partition, sampling, initialisation and client training
+    preset: str | None = None  # S1..S4; explicit keys override it
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The authors' scenarios.
+PRESETS: dict[str, dict[str, Any]] = {
+    "S1": {"partition.alpha": None, "partition.missing_rate": 0.0, "fed.participation": 1.0},
+    "S2": {"partition.alpha": 0.5, "partition.missing_rate": 0.0, "fed.participation": 1.0},
+    "S3": {"partition.alpha": 0.1, "partition.missing_rate": 0.0, "fed.participation": 1.0},
+    "S4": {"partition.alpha": 0.1, "partition.missing_rate": 0.5, "fed.participation": 0.5},
+}
+DEFAULT_PRESET = "S4"
+
+METHODS = ("fedavg", "zeroshot", "local", "central")
+
+
+def _positive(v):
+    return v > 0
+
+
+def _nonneg(v):
+    return v >= 0
+
+
+def _unit(v):
+    return 0 <= v <= 1
+
+
+# key -> (predicate, what is allowed). Keys not listed are only type-checked.
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "preset": (lambda v: v is None or v in PRESETS, f"one of {', '.join(PRESETS)} or null"),
+    "data.source": (lambda v: v in ("synthetic", "features"), "one of synthetic, features"),
+    "data.synthetic.train_images": (_positive, "a positive integer"),
+    "data.synthetic.test_images": (_positive, "a positive integer"),
+    "data.synthetic.captions_per_image": (_positive, "a positive integer"),
+    "data.synthetic.dim": (lambda v: v >= 8, "an integer >= 8"),
+    "data.synthetic.concepts": (_positive, "a positive integer"),
+    "data.synthetic.attributes": (_positive, "a positive integer"),
+    "data.synthetic.attributes_per_concept": (_positive, "a positive integer"),
+    "data.synthetic.attribute_weight": (_unit, "a number in [0, 1]"),
+    "data.synthetic.instance_spread": (_unit, "a number in [0, 1]"),
+    "data.synthetic.caption_noise": (_nonneg, "a number >= 0"),
+    "data.synthetic.image_noise": (_nonneg, "a number >= 0"),
+    "data.synthetic.misalignment": (_nonneg, "a number >= 0"),
+    "data.synthetic.rotation": (_nonneg, "a number >= 0 (radians)"),
+    "data.synthetic.instance_dim": (lambda v: v >= 2, "an integer >= 2"),
+    "data.synthetic.modality_gap": (_nonneg, "a number >= 0"),
+    "data.synthetic.client_shift": (_nonneg, "a number >= 0"),
+    "partition.num_clients": (_positive, "a positive integer"),
+    "partition.alpha": (lambda v: v is None or v > 0, "a number > 0, or null for IID"),
+    "partition.clusters": (_positive, "a positive integer"),
+    "partition.min_samples": (_positive, "a positive integer"),
+    "partition.missing_rate": (_unit, "a number in [0, 1]"),
+    "partition.image_only_share": (_unit, "a number in [0, 1]"),
+    "model.adapter.bottleneck": (_positive, "a positive integer"),
+    "model.adapter.init_scale": (_nonneg, "a number >= 0"),
+    "train.local_epochs": (_positive, "a positive integer"),
+    "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (InfoNCE needs negatives)"),
+    "train.lr": (_positive, "a number > 0"),
+    "train.weight_decay": (_nonneg, "a number >= 0"),
+    "train.temperature": (_positive, "a number > 0"),
+    "fed.method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "fed.rounds": (_nonneg, "an integer >= 0"),
+    "fed.participation": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "fed.prox_mu": (_nonneg, "a number >= 0"),
+    "eval.protocol": (lambda v: v in ("standard", "diagonal"), "one of standard, diagonal"),
+    "eval.every": (_positive, "a positive integer"),
+    "runtime.backend": (lambda v: v in ("ray", "local"), "one of ray, local"),
+    "runtime.num_cpus": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "runtime.client_cpus": (_positive, "a number > 0"),
+    "runtime.clients_per_actor": (lambda v: v is None or v > 0, "a positive integer or null (auto)"),
+    "runtime.torch_threads": (_positive, "a positive integer"),
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if value is None:
+        raise ConfigError(key, value, f"a value of type {tp.__name__} (null is not allowed)")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        value = float(value)
+        if math.isnan(value):
+            raise ConfigError(key, value, "a number, not NaN")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(key, value, "an integer")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "a string")
+        return value
+    return value
+
+
+def _known_keys(cls=Config, prefix: str = "") -> dict[str, Any]:
+    keys = {}
+    for name, tp in _field_types(cls).items():
+        dotted = prefix + name
+        if _is_dataclass_type(tp):
+            keys.update(_known_keys(tp, dotted + "."))
+        else:
+            keys[dotted] = tp
+    return keys
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, dotted + "."))
+        else:
+            flat[dotted] = v
+    return flat
+
+
+def _build(cls, flat: dict[str, Any], prefix: str = ""):
+    kwargs = {}
+    for name, tp in _field_types(cls).items():
+        dotted = prefix + name
+        if _is_dataclass_type(tp):
+            kwargs[name] = _build(tp, flat, dotted + ".")
+        elif dotted in flat:
+            kwargs[name] = flat[dotted]
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key, value), the value parsed as YAML (so 0.1 is a float, null is None)."""
+    if "=" not in text:
+        raise ConfigError(text, None, "overrides are written key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                preset: str | None = None) -> Config:
+    """Resolve a Config from defaults, a preset, a YAML file and overrides; validate every key."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", str(path), "an existing YAML file")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError("--config", str(path), "a YAML mapping of config keys")
+        flat.update(_flatten(tree))
+    if isinstance(overrides, dict):
+        flat.update(overrides)
+    else:
+        for item in overrides or []:
+            k, v = parse_override(item)
+            flat[k] = v
+    if preset is not None:
+        flat["preset"] = preset
+    known = _known_keys()
+    for key in flat:
+        if key not in known:
+            raise ConfigError(key, flat[key], "unknown key (see `rcsr-ray config` for the keys)")
+    chosen = flat.get("preset", None)
+    if chosen is None and "preset" not in flat:
+        chosen = DEFAULT_PRESET
+    if chosen is not None:
+        if chosen not in PRESETS:
+            raise ConfigError("preset", chosen, _CHECKS["preset"][1])
+        flat = {**PRESETS[chosen], **flat, "preset": chosen}
+    for key, value in list(flat.items()):
+        flat[key] = _coerce(key, value, known[key])
+        check = _CHECKS.get(key)
+        if check is not None and not check[0](flat[key]):
+            raise ConfigError(key, flat[key], check[1])
+    cfg = _build(Config, flat)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    if cfg.data.source == "features" and not cfg.data.path:
+        raise ConfigError("data.path", cfg.data.path, "a feature store folder when data.source=features")
+    s = cfg.data.synthetic
+    if s.instance_dim > s.dim:
+        raise ConfigError("data.synthetic.instance_dim", s.instance_dim, f"at most data.synthetic.dim ({s.dim})")
+    if s.attributes_per_concept > s.attributes:
+        raise ConfigError("data.synthetic.attributes_per_concept", s.attributes_per_concept,
+                          f"at most data.synthetic.attributes ({s.attributes})")
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of `cfg` with dotted keys replaced (presets are not re-applied)."""
+    flat = _flatten(cfg.to_dict())
+    flat.update(overrides)
+    return load_config(overrides=flat)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: the feature store, the embedded benchmark, partitioning, client shards."""

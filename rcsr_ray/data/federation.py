@@ -1,0 +1,129 @@
+"""From a feature store and a partition config to per-client shards.
+
+A `Federation` is small and picklable (store path, partition indices): a Ray actor receives it and
+reads its own clients' rows from the store's memmaps, so data is never shipped per round.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from rcsr_ray.config import Config
+from rcsr_ray.data import synthetic
+from rcsr_ray.data.partition import PAIRED, Partition, dirichlet_partition, semantic_clusters
+from rcsr_ray.data.store import FeatureStore, SplitView
+
+
+@dataclass
+class ClientShard:
+    client_id: int
+    modality: int  # PAIRED / IMAGE_ONLY / TEXT_ONLY (partition.py)
+    image_emb: np.ndarray  # (n, d) float32; all n images, even for a text-only client (it holds their captions)
+    caption_emb: np.ndarray  # (m, d) float32, grouped by image
+    caption_offsets: np.ndarray  # (n+1,) captions of image i are rows o[i]:o[i+1]
+    clusters: np.ndarray  # (n,) semantic cluster of each image
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_emb)
+
+
+@dataclass
+class Federation:
+    store_path: str
+    partition: Partition
+    train: SplitView
+    shift_seed: int | None  # data seed for synthetic client shifts (None: real data, no shift)
+    shift_strength: float
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        return FeatureStore(self.store_path)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("store", None)  # memmaps are reopened on the other side
+        return state
+
+    @property
+    def num_clients(self) -> int:
+        return self.partition.num_clients
+
+    def shard(self, client: int) -> ClientShard:
+        local = self.partition.client_indices[client]  # positions within the train split
+        return self._shard(client, local, int(self.partition.modality[client]))
+
+    def pooled_shard(self) -> ClientShard:
+        """All clients' training data in one paired shard (the centralized upper bound)."""
+        shards = [self.shard(c) for c in range(self.num_clients)]
+        offsets, total = [np.zeros(1, np.int64)], 0
+        for s in shards:
+            offsets.append(s.caption_offsets[1:] + total)
+            total += len(s.caption_emb)
+        return ClientShard(0, PAIRED, np.concatenate([s.image_emb for s in shards]),
+                           np.concatenate([s.caption_emb for s in shards]), np.concatenate(offsets),
+                           np.concatenate([s.clusters for s in shards]))
+
+    def _shard(self, client: int, local: np.ndarray, modality: int) -> ClientShard:
+        store, train = self.store, self.train
+        image_emb = np.asarray(store.image_emb[train.image_rows[local]])
+        starts, ends = train.caption_offsets[local], train.caption_offsets[local + 1]
+        counts = ends - starts
+        cap_local = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+        caption_emb = np.asarray(store.caption_emb[train.caption_rows[cap_local]])
+        if self.shift_seed is not None and self.shift_strength > 0:
+            img_shift, txt_shift = synthetic.client_shift_vectors(self.shift_seed, client, store.dim,
+                                                                  self.shift_strength)
+            image_emb = _renorm(image_emb + img_shift)
+            caption_emb = _renorm(caption_emb + txt_shift)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return ClientShard(client, modality, image_emb.astype(np.float32), caption_emb.astype(np.float32), offsets,
+                           self.partition.clusters[local])
+
+
+@dataclass
+class PooledFederation:
+    """One client holding every client's training data, paired (the centralized upper bound)."""
+
+    federation: Federation
+    num_clients: int = 1
+
+    @property
+    def store(self) -> FeatureStore:
+        return self.federation.store
+
+    def shard(self, client: int) -> ClientShard:
+        return self.federation.pooled_shard()
+
+
+def _renorm(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def open_store(cfg: Config) -> FeatureStore:
+    if cfg.data.source == "synthetic":
+        return synthetic.ensure_store(cfg.data.synthetic, cfg.data.cache_dir)
+    return FeatureStore(cfg.data.path)
+
+
+def build_federation(cfg: Config, store: FeatureStore | None = None) -> Federation:
+    store = store or open_store(cfg)
+    train = store.split("train")
+    if len(train.image_rows) == 0:
+        raise ValueError(f"{store.path}: the feature store has no training images")
+    if store.has_clusters:
+        clusters = store.images["cluster"].to_numpy(np.int64)[train.image_rows]
+        num_clusters = int(clusters.max()) + 1
+    else:
+        feats = np.ascontiguousarray(store.image_emb[train.image_rows], dtype=np.float32)
+        num_clusters = min(cfg.partition.clusters, len(feats))
+        clusters = semantic_clusters(feats, num_clusters, cfg.seed)
+    p = cfg.partition
+    partition = dirichlet_partition(clusters, p.num_clients, p.alpha, p.min_samples, p.missing_rate,
+                                    p.image_only_share, cfg.seed, num_clusters=num_clusters)
+    synthetic_source = cfg.data.source == "synthetic"
+    return Federation(str(store.path), partition, train,
+                      cfg.data.synthetic.seed if synthetic_source else None,
+                      cfg.data.synthetic.client_shift if synthetic_source else 0.0)

@@ -1,0 +1,1 @@
+"""Evaluation: exact image-text retrieval metrics (Recall@K, median rank)."""

@@ -1,0 +1,1 @@
+"""Federated algorithms: client update and server strategies. No Ray here."""

@@ -1,0 +1,109 @@
+"""Server strategies: one method per round phase (sample, configure, aggregate).
+
+A strategy is a plain object; the runtime's round loop calls it the same way on every backend.
+Client results always arrive sorted by client id, so aggregation never depends on arrival order.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from rcsr_ray.config import Config
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(seed: int, round_idx: int, num_clients: int, participation: float) -> np.ndarray:
+    """The round's participants, sorted, from a generator seeded by (seed, round) alone."""
+    m = max(1, int(round(participation * num_clients)))
+    rng = np.random.default_rng([seed, round_idx, 0x5A3])
+    return np.sort(rng.choice(num_clients, size=m, replace=False))
+
+
+class FedAvg:
+    """theta <- theta + sum_k w_k delta_k, w proportional to each trained client's sample count."""
+
+    name = "fedavg"
+    client_mode = "global"
+    trains = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rejected_total = 0
+
+    def sample(self, round_idx: int, num_clients: int) -> np.ndarray:
+        return sample_clients(self.cfg.seed, round_idx, num_clients, self.cfg.fed.participation)
+
+    def client_settings(self, round_idx: int) -> ClientSettings:
+        return ClientSettings.from_config(self.cfg, self.client_mode)
+
+    def accepted(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Updates that can be aggregated; a non-finite one is rejected, logged and counted."""
+        keep = []
+        for u in updates:
+            if u.delta is None:
+                continue
+            if not bool(torch.isfinite(u.delta).all()):
+                self.rejected_total += 1
+                log.warning("client %d sent a non-finite update; rejected", u.client_id)
+                continue
+            keep.append(u)
+        return keep
+
+    def weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
+        n = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
+        return n / n.sum()
+
+    def aggregate(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:
+        ok = self.accepted(updates)
+        metrics = {"trained_clients": len(ok), "rejected_updates": self.rejected_total,
+                   "train_loss": float(np.mean([u.loss for u in ok])) if ok else float("nan")}
+        if not ok:
+            return params, metrics
+        w = self.weights(ok)
+        step = torch.zeros_like(params, dtype=torch.float64)
+        for wk, u in zip(w, ok):  # client-id order
+            step += wk * u.delta.double()
+        return params + step.to(params.dtype), metrics
+
+
+class Local(FedAvg):
+    """Each client trains alone from its own adapters; nothing is aggregated."""
+
+    name = "local"
+    client_mode = "local"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.client_params: dict[int, torch.Tensor] = {}
+
+    def aggregate(self, round_idx, params, updates):
+        ok = self.accepted(updates)
+        for u in ok:
+            self.client_params[u.client_id] = u.params
+        return params, {"trained_clients": len(ok), "rejected_updates": self.rejected_total,
+                        "train_loss": float(np.mean([u.loss for u in ok])) if ok else float("nan")}
+
+
+class Central(FedAvg):
+    """All training data pooled into one client that takes part in every round."""
+
+    name = "central"
+
+    def sample(self, round_idx: int, num_clients: int) -> np.ndarray:
+        return np.arange(num_clients)
+
+
+class ZeroShot(FedAvg):
+    name = "zeroshot"
+    trains = False
+
+
+STRATEGIES = {cls.name: cls for cls in (FedAvg, Local, Central, ZeroShot)}
+
+
+def make_strategy(cfg: Config):
+    return STRATEGIES[cfg.fed.method](cfg)

@@ -1,0 +1,1 @@
+"""Runtime: the round loop, the local and Ray backends, the run folder."""

@@ -1,0 +1,30 @@
+"""The local backend: every client update runs serially in this process."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rcsr_ray.config import Config
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, federation, cfg: Config):
+        self.worker = ClientWorker(federation, cfg.model.adapter.bottleneck, cfg.runtime.torch_threads)
+
+    def train(self, params: torch.Tensor, clients: np.ndarray, settings: ClientSettings, seed: int,
+              round_idx: int) -> list[ClientUpdate]:
+        return [self.worker.update(int(c), params, settings, seed, round_idx) for c in clients]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_backend(federation, cfg: Config):
+    if cfg.runtime.backend == "local":
+        return LocalBackend(federation, cfg)
+    from rcsr_ray.runtime.ray_backend import RayBackend  # Ray is imported only when asked for
+
+    return RayBackend(federation, cfg)

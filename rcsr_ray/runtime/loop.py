@@ -1,0 +1,100 @@
+"""The round loop: sample, broadcast, train, aggregate, evaluate, write the run folder.
+
+Backend-agnostic: the same loop drives the local backend and the Ray actors.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rcsr_ray.config import Config
+from rcsr_ray.data.federation import PooledFederation, build_federation, open_store
+from rcsr_ray.data.store import FeatureStore
+from rcsr_ray.eval.retrieval import evaluate
+from rcsr_ray.fl.strategy import make_strategy
+from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
+from rcsr_ray.runtime import rundir
+from rcsr_ray.runtime.backends import make_backend
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
+
+
+class GlobalEvaluator:
+    """Retrieval on the store's test split under given adapter weights."""
+
+    def __init__(self, store: FeatureStore, cfg: Config):
+        test = store.split("test")
+        if len(test.image_rows) == 0:
+            raise ValueError(f"{store.path}: the feature store has no test images")
+        self.images = torch.from_numpy(np.asarray(store.image_emb[test.image_rows]))
+        self.captions = torch.from_numpy(np.asarray(store.caption_emb[test.caption_rows]))
+        self.caption_image = test.caption_image
+        self.protocol = cfg.eval.protocol
+        self.model = AdapterPair(store.dim, cfg.model.adapter.bottleneck)
+
+    def __call__(self, params: torch.Tensor) -> dict:
+        img, txt = apply_adapters(self.model, params, self.images, self.captions)
+        m = evaluate(img, txt, self.caption_image, protocol=self.protocol)
+        m["mean_r1"] = 0.5 * (m["i2t_r1"] + m["t2i_r1"])
+        return m
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    metrics: list[dict]
+    params: torch.Tensor
+    out_dir: Path | None
+
+
+def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: bool = True) -> RunResult:
+    t0 = time.perf_counter()
+    store = open_store(cfg)
+    federation = build_federation(cfg, store)
+    strategy = make_strategy(cfg)
+    train_fed = PooledFederation(federation) if strategy.name == "central" else federation
+    evaluator = GlobalEvaluator(store, cfg)
+    params = initial_params(store.dim, cfg.model.adapter.bottleneck, cfg.model.adapter.init_scale, cfg.seed)
+    zeroshot = evaluator(params)
+    rounds = cfg.fed.rounds if strategy.trains else 0
+    rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
+    backend = make_backend(train_fed, cfg) if rounds else None
+    bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress, dynamic_ncols=True)
+    try:
+        for r in bar:
+            clients = strategy.sample(r, train_fed.num_clients)
+            updates = backend.train(params, clients, strategy.client_settings(r), cfg.seed, r)
+            params, agg = strategy.aggregate(r, params, updates)
+            if r % cfg.eval.every == 0 or r == rounds:
+                if strategy.name == "local":
+                    own = strategy.client_params
+                    metrics = _mean_metrics([evaluator(own.get(c, params)) for c in range(train_fed.num_clients)])
+                else:
+                    metrics = evaluator(params)
+                rows.append({"round": r, "seconds": time.perf_counter() - t0, **agg, **metrics})
+                bar.set_postfix(mean_r1=f"{metrics['mean_r1']:.1f}", loss=f"{agg['train_loss']:.3f}")
+    finally:
+        if backend is not None:
+            backend.shutdown()
+    final = rows[-1]
+    summary = {k: final[k] for k in (*METRIC_KEYS, "mean_r1")}
+    summary.update(method=strategy.name, rounds=rounds, seconds=time.perf_counter() - t0,
+                   backend=cfg.runtime.backend, preset=cfg.preset, seed=cfg.seed,
+                   rejected_updates=strategy.rejected_total,
+                   zeroshot={k: zeroshot[k] for k in (*METRIC_KEYS, "mean_r1")})
+    out = None
+    if out_dir is not None:
+        out = rundir.write_run(Path(out_dir), cfg, rows, summary, params, federation)
+    return RunResult(summary, rows, params, out)

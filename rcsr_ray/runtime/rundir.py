@@ -1,0 +1,43 @@
+"""The run folder: resolved config, per-round metrics, summary, final checkpoint, plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from rcsr_ray.config import Config, dump_yaml
+
+
+def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "metrics.csv", index=False)
+    frame.to_parquet(out / "metrics.parquet", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    torch.save({"params": params, "config": cfg.to_dict(), "summary": summary}, out / "final.pt")
+    plot_curves(frame, out / "curves.png", title=f"{summary['method']} · preset {cfg.preset or '-'}")
+    return out
+
+
+def plot_curves(frame: pd.DataFrame, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    styles = {"i2t_r1": ("image→text R@1", "-"), "t2i_r1": ("text→image R@1", "-"),
+              "i2t_r5": ("image→text R@5", ":"), "t2i_r5": ("text→image R@5", ":")}
+    for key, (label, ls) in styles.items():
+        ax.plot(frame["round"], frame[key], ls, marker="o", ms=3, label=label)
+    ax.set_xlabel("round (0 = zero-shot)")
+    ax.set_ylabel("recall (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
