@@ -29,7 +29,7 @@ class SyntheticConfig:
     """The embedded benchmark (see README, "The embedded benchmark")."""
 
     seed: int = 0  # the benchmark's own seed: runs with different `seed` share one dataset
-    train_images: int = 6000  # training images (each with `captions_per_image` captions)
+    train_images: int = 3000  # training images (each with `captions_per_image` captions)
     test_images: int = 1000  # test images, standard 1k protocol
     captions_per_image: int = 5
     dim: int = 512  # embedding width, as CLIP ViT-B/32
@@ -38,11 +38,11 @@ class SyntheticConfig:
     attributes_per_concept: int = 3
     attribute_weight: float = 0.8  # share of a concept's direction made of shared attributes (0: disjoint concepts)
     instance_spread: float = 0.75  # share of an image's content that is instance-specific, not concept
-    caption_noise: float = 1.8  # how loosely a caption describes its image (per-caption noise)
+    caption_noise: float = 1.6  # how loosely a caption describes its image (per-caption noise)
     image_noise: float = 0.35  # per-image encoder noise on the image side
-    misalignment: float = 0.9  # concept-dependent offset of captions away from their images
+    misalignment: float = 1.05  # concept-dependent offset of captions away from their images
     instance_dim: int = 32  # dimension of the subspace holding instance detail (low: instances crowd)
-    rotation: float = 0.3  # angle (radians) by which captions see the instance detail rotated
+    rotation: float = 0.1  # angle (radians) by which captions see the instance detail rotated
     modality_gap: float = 0.5  # constant offset between the image and the text cone, as in CLIP
     client_shift: float = 0.35  # client-specific domain shift applied to each client's features, both modalities
 
@@ -90,7 +90,7 @@ class TrainConfig:
 @dataclass
 class FedConfig:
     method: str = "fedavg"  # fedavg | zeroshot | local | central
-    rounds: int = 30
+    rounds: int = 50
     participation: float = 0.5  # fraction of clients sampled each round
     prox_mu: float = 0.0  # weight of the proximal term toward the global adapters (0 = off)
 
@@ -216,6 +216,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, inner[0])
     if value is None:
         raise ConfigError(key, value, f"a value of type {tp.__name__} (null is not allowed)")
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(key, value, "a number") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "a number")

@@ -33,8 +33,11 @@ __all__ = ["PROTOCOLS", "RECALL_KS", "evaluate", "ranks"]
 PROTOCOLS = ("standard", "diagonal")
 RECALL_KS = (1, 5, 10)
 
-# Row sub-chunk for the ground-truth pre-pass (small GEMMs, cheap).
+# Rows per group in the ground-truth pre-pass (~1% of the main GEMM's flops at COCO-5K size).
 _PREPASS_ROWS = 64
+# Lines (rows/columns) with more queries than this are sorted once rather than compared once
+# per query: a sort costs roughly as much as ~100 full-line comparisons.
+_SORT_MIN = 64
 # |score| <= d * max|x| * max|y|; stay well below float32 max (3.4e38) so no score overflows.
 _SCORE_LIMIT = 1e38
 
@@ -78,7 +81,9 @@ def _validate(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     img, img_max = _embeddings(image_emb, "image_emb")
     txt, txt_max = _embeddings(text_emb, "text_emb")
@@ -143,53 +148,114 @@ def _runs(w: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(b), int(w[a])) for a, b in zip(starts, stops)]
 
 
-def _slots(key_sorted: np.ndarray, n_keys: int) -> np.ndarray:
-    """Position of each element inside its run of equal keys (keys sorted ascending)."""
-    first = np.searchsorted(key_sorted, np.arange(n_keys))
-    return np.arange(key_sorted.size) - first[key_sorted]
+def _run_starts(key_sorted: np.ndarray, n_keys: int) -> np.ndarray:
+    """Index of the first element of each key 0..n_keys-1 in ``key_sorted`` (ascending)."""
+    return np.searchsorted(key_sorted, np.arange(n_keys))
+
+
+def _count_ge(values: np.ndarray, thr: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """sum_i weights_i * [values_i >= t] for each t in ``thr``, via one sort of ``values``."""
+    if weights is None:
+        v = np.sort(values)
+        return values.size - np.searchsorted(v, thr, side="left")
+    o = np.argsort(values)
+    cw = np.concatenate([[0], np.cumsum(weights[o])])
+    return cw[-1] - cw[np.searchsorted(values[o], thr, side="left")]
+
+
+def _weighted_sum_rows(m: np.ndarray, runs: list[tuple[int, int, int]]) -> np.ndarray:
+    """sum_b w_b * m[:, b] for a bool matrix whose column weights come in equal runs."""
+    if len(runs) == 1 and runs[0][2] == 1:
+        return np.count_nonzero(m, axis=1)
+    return sum(w * np.count_nonzero(m[:, a:b], axis=1) for a, b, w in runs)
+
+
+def _weighted_sum_cols(m: np.ndarray, runs: list[tuple[int, int, int]]) -> np.ndarray:
+    """sum_r w_r * m[r, :] for a bool matrix whose row weights come in equal runs."""
+    # uint8 view + int64 accumulator is the fastest column count numpy offers
+    return sum(w * m[a:b].view(np.uint8).sum(axis=0, dtype=np.int64) for a, b, w in runs)
 
 
 def _row_counts(
     S: np.ndarray,
     thr: np.ndarray,
+    start: np.ndarray,
     nq: np.ndarray,
+    col_w: np.ndarray,
     col_runs: list[tuple[int, int, int]],
     buf: np.ndarray,
 ) -> np.ndarray:
-    """out[r, k] = sum_b colweight_b * [S[r, b] >= thr[r, k]] for rows with nq[r] > k.
+    """For query q of block row r: sum_b col_w[b] * [S[r, b] >= thr[q]].
 
-    ``nq`` is non-increasing, so the rows having a k-th query are a prefix (no gathers)."""
-    c, n_slots = thr.shape
-    out = np.zeros((c, n_slots), np.int64)
-    unit = len(col_runs) == 1 and col_runs[0][2] == 1
-    for k in range(n_slots):
+    Queries are grouped by row (row r owns thr[start[r] : start[r] + nq[r]]) and ``nq`` is
+    non-increasing, so "rows with a k-th query" is a slice and the common case is a few
+    full-block comparisons.  Rows with very many queries are sorted once instead."""
+    out = np.empty(thr.size, np.int64)
+    weights = None if col_runs == [(0, col_w.size, 1)] else col_w
+    p = int(np.count_nonzero(nq > _SORT_MIN))
+    for r in range(p):
+        a = start[r]
+        out[a : a + nq[r]] = _count_ge(S[r], thr[a : a + nq[r]], weights)
+    for k in range(int(nq[p]) if p < nq.size else 0):
         n = int(np.count_nonzero(nq > k))
-        if n == 0:
-            break
-        m = np.greater_equal(S[:n], thr[:n, k : k + 1], out=buf[:n])
-        if unit:
-            out[:n, k] = np.count_nonzero(m, axis=1)
-        else:
-            for a, b, wt in col_runs:
-                out[:n, k] += wt * np.count_nonzero(m[:, a:b], axis=1)
+        q = start[p:n] + k
+        m = np.greater_equal(S[p:n], thr[q][:, None], out=buf[p:n])
+        out[q] = _weighted_sum_rows(m, col_runs)
     return out
 
 
 def _col_counts(
     S: np.ndarray,
-    gt: np.ndarray,
-    col_prefix: np.ndarray,
-    row_runs: list[tuple[int, int, int]],
+    thr: np.ndarray,
+    start: np.ndarray,
+    nq: np.ndarray,
+    row_w: np.ndarray,
     acc: np.ndarray,
     buf: np.ndarray,
 ) -> None:
-    """acc[b, k] += sum_r rowweight_r * [S[r, b] >= gt[b, k]] for columns with a k-th query."""
-    for k in range(gt.shape[1]):
-        m_k = int(col_prefix[k])
-        m = np.greater_equal(S[:, :m_k], gt[None, :m_k, k], out=buf[:, :m_k])
-        for a, b, wt in row_runs:
-            # uint8 view + int64 accumulator is the fastest column count numpy offers
-            acc[:m_k, k] += wt * m[a:b].view(np.uint8).sum(axis=0, dtype=np.int64)
+    """acc[q] += sum_r row_w[r] * [S[r, b] >= thr[q]] for query q of column b (same layout
+    as :func:`_row_counts`, transposed)."""
+    runs = _runs(row_w)
+    p = int(np.count_nonzero(nq > _SORT_MIN))
+    for b in range(p):
+        a = start[b]
+        acc[a : a + nq[b]] += _count_ge(S[:, b], thr[a : a + nq[b]], row_w)
+    for k in range(int(nq[p]) if p < nq.size else 0):
+        n = int(np.count_nonzero(nq > k))
+        q = start[p:n] + k
+        m = np.greater_equal(S[:, p:n], thr[q][None, :], out=buf[:, p:n])
+        acc[q] += _weighted_sum_cols(m, runs)
+
+
+def _own_scores(
+    rows_t: torch.Tensor, cols_t: torch.Tensor, row: np.ndarray, col: np.ndarray
+) -> np.ndarray:
+    """Scores rows[row[i]] . cols[col[i]] (``row`` ascending) via batched small GEMMs.
+
+    Groups of _PREPASS_ROWS consecutive rows are multiplied by their own captions only; groups
+    are batched into one bmm per padded caption count (powers of two, so padding at most
+    doubles the work).  GEMMs, not dot products: they round like the main GEMM."""
+    g_rows = _PREPASS_ROWS
+    n_rows, n = rows_t.shape[0], row.size
+    n_groups = -(-n_rows // g_rows)
+    bounds = np.searchsorted(row, np.arange(n_groups + 1) * g_rows)
+    bounds[-1] = n
+    lens = np.diff(bounds)
+    pad = np.where(lens > 0, 1 << np.ceil(np.log2(np.maximum(lens, 1))).astype(np.int64), 0)
+    out = np.empty(n, np.float32)
+    for width in np.unique(pad[pad > 0]):
+        gs = np.flatnonzero(pad == width)
+        r_idx = np.minimum(gs[:, None] * g_rows + np.arange(g_rows), n_rows - 1)
+        pos = bounds[gs][:, None] + np.arange(width)
+        valid = pos < bounds[gs + 1][:, None]
+        pos = np.where(valid, pos, bounds[gs][:, None])  # padding repeats a real caption
+        A = rows_t[torch.from_numpy(r_idx)]  # (groups, g_rows, d)
+        B = cols_t[torch.from_numpy(col[pos])]  # (groups, width, d)
+        P = torch.bmm(A, B.transpose(1, 2)).numpy()  # (groups, g_rows, width)
+        gi, t = np.nonzero(valid)
+        i = pos[gi, t]
+        out[i] = P[gi, row[i] - gs[gi] * g_rows, t]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,25 +317,19 @@ def ranks(
     cap_col = c_pos[c_inv]
     cap_row = img_row[t2i]
 
-    # Captions sorted by (row, image): per block, per image contiguous.
+    # Captions sorted by (row, image): per block contiguous, and per image contiguous.
     cap_sorted = np.lexsort((t2i, cap_row))
     cap_sorted_row = cap_row[cap_sorted]
 
-    # i2t queries: images ("standard") or captions ("diagonal"), sorted by row.
-    if standard:
-        q_order = np.argsort(img_row, kind="stable")
-    else:
-        q_order = cap_sorted
+    # i2t queries, sorted by row: images ("standard") or captions/pairs ("diagonal").
+    # Row r owns queries q_start[r] : q_start[r] + row_w[r].
+    q_order = np.argsort(img_row, kind="stable") if standard else cap_sorted
     q_row = img_row[q_order] if standard else cap_sorted_row
-    q_slot = _slots(q_row, n_rows)
-    n_rslots = int(row_w[0])
+    q_start = _run_starts(q_row, n_rows)
 
-    # t2i queries: captions, slot = position among duplicates of the same caption vector.
+    # t2i queries = captions, sorted by column; column b owns t_start[b] : t_start[b] + col_w[b].
     t_order = np.argsort(cap_col, kind="stable")
-    t_slot = np.empty(n_txt, np.int64)
-    t_slot[t_order] = _slots(cap_col[t_order], n_cols)
-    n_cslots = int(col_w[0])
-    col_prefix = np.array([np.count_nonzero(col_w > k) for k in range(n_cslots)], np.int64)
+    t_start = _run_starts(cap_col[t_order], n_cols)
     col_runs = _runs(col_w)
 
     rows_t = torch.from_numpy(rows)
@@ -278,24 +338,18 @@ def ranks(
 
     # t2i needs each caption's ground-truth score before its column is scanned, i.e. before
     # the block holding its image.  With one block it is read from that block; otherwise a
-    # cheap pre-pass of small GEMMs (image rows x their own captions) supplies it.  Each
-    # caption's own row is then counted explicitly, so rounding differences between the two
-    # GEMMs can never drop the query's own image.
+    # pre-pass of small GEMMs (image rows x their own captions) supplies it.  The caption's
+    # own row is then credited explicitly (see the end), so a rounding difference between
+    # the two GEMMs can never drop the query's own image from its rank.
     gt = np.empty(n_txt, np.float32)
-    gt_pad = np.empty((n_cols, n_cslots), np.float32)
+    own = np.empty(n_txt, np.float32)  # score(caption, own image) from the main GEMM
+    i2t = np.empty(q_order.size, np.int64)
+    acc = np.zeros(n_txt, np.int64)  # t2i counts in t_order
     with torch.inference_mode():
         if n_blocks > 1:
-            for s in range(0, n_rows, _PREPASS_ROWS):
-                e = min(s + _PREPASS_ROWS, n_rows)
-                c0, c1 = np.searchsorted(cap_sorted_row, [s, e])
-                js = cap_sorted[c0:c1]
-                B = (rows_t[s:e] @ cols_t[torch.from_numpy(cap_col[js])].T).numpy()
-                gt[js] = B[cap_row[js] - s, np.arange(js.size)]
-            gt_pad[cap_col, t_slot] = gt
+            gt[cap_sorted] = _own_scores(rows_t, cols_t, cap_sorted_row, cap_col[cap_sorted])
+        gt_t = gt[t_order]
 
-        own = np.empty(n_txt, np.float32)  # score(caption, own image) from the main GEMM
-        i2t = np.empty(q_order.size, np.int64)
-        acc = np.zeros((n_cols, n_cslots), np.int64)
         block = torch.empty((min(chunk, n_rows), n_cols), dtype=torch.float32)
         mask = np.empty((min(chunk, n_rows), n_cols), dtype=bool)
         for s in range(0, n_rows, chunk):
@@ -309,33 +363,31 @@ def ranks(
             own[js] = v
             if n_blocks == 1:
                 gt[:] = own
-                gt_pad[cap_col, t_slot] = gt
+                gt_t = gt[t_order]
 
-            # ---- i2t: thresholds per query, counted along the block rows
-            q0, q1 = np.searchsorted(q_row, [s, e])
+            # ---- i2t: one threshold per query, counted along its block row
+            q0, q1 = q_start[s], (q_start[e] if e < n_rows else q_order.size)
             if standard:
-                imgs = q_order[q0:q1]
-                n_caps = per_image[imgs]
-                starts = np.concatenate([[0], np.cumsum(n_caps)[:-1]])
-                thr_q = np.maximum.reduceat(v, starts)  # best ground-truth caption score
+                n_caps = per_image[q_order[q0:q1]]
+                first = np.concatenate([[0], np.cumsum(n_caps)[:-1]])
+                thr = np.maximum.reduceat(v, first)  # best ground-truth caption score
                 # ground-truth captions tying the best one are not competitors
-                at_max = np.add.reduceat((v >= np.repeat(thr_q, n_caps)).astype(np.int64), starts)
+                at_max = np.add.reduceat((v >= np.repeat(thr, n_caps)).astype(np.int64), first)
             else:
-                thr_q = v
-            thr = np.empty((e - s, n_rslots), np.float32)
-            thr[q_row[q0:q1] - s, q_slot[q0:q1]] = thr_q
-            rc = _row_counts(S, thr, row_w[s:e], col_runs, mask[: e - s])
-            cnt = rc[q_row[q0:q1] - s, q_slot[q0:q1]]
+                thr = v  # same order: q_order is cap_sorted
+            cnt = _row_counts(S, thr, q_start[s:e] - q0, row_w[s:e], col_w, col_runs, mask)
             i2t[q0:q1] = (1 + cnt - at_max) if standard else cnt
 
-            # ---- t2i: accumulate column counts of this block against ground-truth scores
-            _col_counts(S, gt_pad, col_prefix, _runs(row_w[s:e]), acc, mask[: e - s])
+            # ---- t2i: this block's rows counted against every caption's ground truth
+            _col_counts(S, gt_t, t_start, col_w, row_w[s:e], acc, mask[: e - s])
 
     i2t_ranks = np.empty_like(i2t)
     i2t_ranks[q_order] = i2t
+    t2i_cnt = np.empty_like(acc)
+    t2i_cnt[t_order] = acc
     w_own = row_w[cap_row]
     # replace the own row's counted contribution by its full weight (own image + duplicates)
-    t2i_ranks = acc[cap_col, t_slot] - w_own * (own >= gt) + w_own
+    t2i_ranks = t2i_cnt - w_own * (own >= gt) + w_own
     return i2t_ranks, t2i_ranks
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from rcsr_ray.config import Config, dump_yaml
+from rcsr_ray.data.partition import summary_frame
 
 
 def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation) -> Path:
@@ -17,6 +18,7 @@ def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: t
     frame.to_csv(out / "metrics.csv", index=False)
     frame.to_parquet(out / "metrics.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_frame(federation.partition).to_csv(out / "partition.csv", index=False)
     torch.save({"params": params, "config": cfg.to_dict(), "summary": summary}, out / "final.pt")
     plot_curves(frame, out / "curves.png", title=f"{summary['method']} · preset {cfg.preset or '-'}")
     return out
@@ -29,10 +31,10 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    styles = {"i2t_r1": ("image→text R@1", "-"), "t2i_r1": ("text→image R@1", "-"),
-              "i2t_r5": ("image→text R@5", ":"), "t2i_r5": ("text→image R@5", ":")}
-    for key, (label, ls) in styles.items():
-        ax.plot(frame["round"], frame[key], ls, marker="o", ms=3, label=label)
+    styles = {"i2t_r1": ("image→text R@1", "-", "C0"), "i2t_r5": ("image→text R@5", ":", "C0"),
+              "t2i_r1": ("text→image R@1", "-", "C1"), "t2i_r5": ("text→image R@5", ":", "C1")}
+    for key, (label, ls, color) in styles.items():
+        ax.plot(frame["round"], frame[key], ls, color=color, marker="o", ms=3, label=label)
     ax.set_xlabel("round (0 = zero-shot)")
     ax.set_ylabel("recall (%)")
     ax.set_title(title)
