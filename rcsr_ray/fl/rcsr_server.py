@@ -282,8 +282,9 @@ def router_loss(router_w: torch.Tensor, img_protos: torch.Tensor, txt_protos: to
     to_global = _one_minus_cos(a_hat, global_align.detach().to(dt)) if global_align is not None else w.new_zeros(())
     align_term = 0.5 * to_global + 0.5 * spread
     loss = b1 * image_term + b2 * text_term - b4 * entropy + b5 * align_term
-    parts = {"loss": float(loss), "image_consistency": float(image_term), "text_consistency": float(text_term),
-             "entropy": float(entropy), "alignment": float(align_term)}
+    parts = {name: float(value.detach()) for name, value in (
+        ("loss", loss), ("image_consistency", image_term), ("text_consistency", text_term), ("entropy", entropy),
+        ("alignment", align_term))}
     return loss, parts
 
 
