@@ -92,7 +92,30 @@ class FedConfig:
     method: str = "fedavg"  # fedavg | zeroshot | local | central
     rounds: int = 50
     participation: float = 0.5  # fraction of clients sampled each round
-    prox_mu: float = 0.0  # weight of the proximal term toward the global adapters (0 = off)
+    prox_mu: float = 0.01  # fedprox's proximal weight toward the global adapters (other methods ignore it)
+
+
+@dataclass
+class RCSRConfig:
+    """RCSR settings (METHOD.md); the four switches turn its pieces off one by one for ablations."""
+
+    router: bool = True  # semantic router; off = uniform router weights
+    minimax: bool = True  # minimax fairness weights; off = uniform q
+    anchoring: bool = True  # prototype anchoring in the client loss; off = no anchoring term
+    granularity: str = "cluster"  # prototypes per semantic cluster, or "global" (one per modality, authors' code)
+    anchor_weight: float = 0.5  # weight of the anchoring term (METHOD.md leaves it open)
+    prox_mu: float = 0.01  # proximal term toward the global adapters
+    proto_decay: float = 0.95  # EMA decay of the global prototypes and alignment direction
+    minimax_eta: float = 0.1
+    minimax_tau: float = 0.1
+    router_hidden: int = 128
+    router_heads: int = 4
+    router_blocks: int = 2
+    router_lr: float = 1e-3
+    b1: float = 1.0  # image prototype consistency
+    b2: float = 1.0  # text prototype consistency
+    b4: float = 0.1  # router weight entropy bonus
+    b5: float = 0.3  # alignment direction consistency
 
 
 @dataclass
@@ -120,6 +143,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    rcsr: RCSRConfig = field(default_factory=RCSRConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -136,7 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "S4"
 
-METHODS = ("fedavg", "zeroshot", "local", "central")
+METHODS = ("rcsr", "fedavg", "fedprox", "zeroshot", "local", "central")
 
 
 def _positive(v):
@@ -188,6 +212,16 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "fed.rounds": (_nonneg, "an integer >= 0"),
     "fed.participation": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "fed.prox_mu": (_nonneg, "a number >= 0"),
+    "rcsr.granularity": (lambda v: v in ("cluster", "global"), "one of cluster, global"),
+    "rcsr.anchor_weight": (_nonneg, "a number >= 0"),
+    "rcsr.prox_mu": (_nonneg, "a number >= 0"),
+    "rcsr.proto_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "rcsr.minimax_eta": (_nonneg, "a number >= 0"),
+    "rcsr.minimax_tau": (_nonneg, "a number >= 0"),
+    "rcsr.router_hidden": (_positive, "a positive integer"),
+    "rcsr.router_heads": (_positive, "a positive integer"),
+    "rcsr.router_blocks": (_nonneg, "an integer >= 0"),
+    "rcsr.router_lr": (_positive, "a number > 0"),
     "eval.protocol": (lambda v: v in ("standard", "diagonal"), "one of standard, diagonal"),
     "eval.every": (_positive, "a positive integer"),
     "runtime.backend": (lambda v: v in ("ray", "local"), "one of ray, local"),
@@ -339,6 +373,9 @@ def _cross_checks(cfg: Config) -> None:
     s = cfg.data.synthetic
     if s.instance_dim > s.dim:
         raise ConfigError("data.synthetic.instance_dim", s.instance_dim, f"at most data.synthetic.dim ({s.dim})")
+    if cfg.rcsr.router_hidden % cfg.rcsr.router_heads:
+        raise ConfigError("rcsr.router_heads", cfg.rcsr.router_heads,
+                          f"a divisor of rcsr.router_hidden ({cfg.rcsr.router_hidden})")
     if s.attributes_per_concept > s.attributes:
         raise ConfigError("data.synthetic.attributes_per_concept", s.attributes_per_concept,
                           f"at most data.synthetic.attributes ({s.attributes})")

@@ -29,6 +29,7 @@ def test_same_seed_same_result_other_seed_differs(small_config):
 
 def test_unimodal_clients_sit_out_fedavg(small_config):
     from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.client import GlobalState
     from rcsr_ray.fl.strategy import make_strategy
     from rcsr_ray.runtime.backends import LocalBackend
 
@@ -37,7 +38,7 @@ def test_unimodal_clients_sit_out_fedavg(small_config):
     strategy = make_strategy(cfg)
     backend = LocalBackend(fed, cfg)
     params = torch.zeros(backend.worker.model.flat.numel())
-    updates = backend.train(params, np.arange(fed.num_clients), strategy.client_settings(1), cfg.seed, 1)
+    updates = backend.train(GlobalState(params), np.arange(fed.num_clients), strategy.client_settings(1), cfg.seed, 1)
     trained = {u.client_id for u in updates if u.delta is not None}
     paired = set(np.flatnonzero(fed.partition.modality == 0).tolist())
     assert trained == paired and len(paired) == 3

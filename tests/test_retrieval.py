@@ -126,8 +126,12 @@ def test_matches_reference_continuous(protocol, chunk_size):
 
 
 @pytest.mark.parametrize("protocol", PROTOS)
-def test_many_blocks_with_duplicates(protocol):
-    # 2-D dyadic vectors: many bit-identical images/captions spread across blocks
+@pytest.mark.parametrize("prepass_rows", [1, 3, None])
+def test_many_blocks_with_duplicates(protocol, prepass_rows, monkeypatch):
+    # 2-D dyadic vectors: many bit-identical images/captions spread across blocks.  Small
+    # pre-pass groups give many groups of unequal caption counts (several bmm buckets).
+    if prepass_rows is not None:
+        monkeypatch.setattr(retrieval, "_PREPASS_ROWS", prepass_rows)
     img, txt, t2i = make_data(3, n_img=150, d=2, dyadic=True)
     want = ref_ranks(img, txt, t2i, protocol)
     for cs in (10, 32, 1000):
@@ -151,6 +155,19 @@ def test_heavily_duplicated_lines(protocol, sort_min, monkeypatch):
             got = ranks(img, txt, t2i, protocol=protocol, chunk_size=cs)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_own_scores_prepass_matches_matmul(monkeypatch):
+    monkeypatch.setattr(retrieval, "_PREPASS_ROWS", 4)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(-3, 4, (37, 6)).astype(np.float32)
+    cols = rng.integers(-3, 4, (90, 6)).astype(np.float32)
+    row = np.sort(rng.integers(0, 37, 300))
+    row[:40] = 0  # one heavy row -> unequal group sizes, several buckets
+    row.sort()
+    col = rng.integers(0, 90, 300)
+    got = retrieval._own_scores(torch.from_numpy(rows), torch.from_numpy(cols), row, col)
+    np.testing.assert_array_equal(got, np.einsum("nd,nd->n", rows[row], cols[col]))
 
 
 def test_rank_shapes_and_torch_inputs():

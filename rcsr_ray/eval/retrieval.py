@@ -38,6 +38,8 @@ _PREPASS_ROWS = 64
 # Lines (rows/columns) with more queries than this are sorted once rather than compared once
 # per query: a sort costs roughly as much as ~100 full-line comparisons.
 _SORT_MIN = 64
+# Rows per comparison tile (~4 MB of scores: cache-resident while compared twice or more).
+_TILE_BYTES = 4 << 20
 # |score| <= d * max|x| * max|y|; stay well below float32 max (3.4e38) so no score overflows.
 _SCORE_LIMIT = 1e38
 
@@ -184,13 +186,13 @@ def _row_counts(
     col_w: np.ndarray,
     col_runs: list[tuple[int, int, int]],
     buf: np.ndarray,
-) -> np.ndarray:
-    """For query q of block row r: sum_b col_w[b] * [S[r, b] >= thr[q]].
+    out: np.ndarray,
+) -> None:
+    """out[q] = sum_b col_w[b] * [S[r, b] >= thr[q]] for each query q of each row r of S.
 
-    Queries are grouped by row (row r owns thr[start[r] : start[r] + nq[r]]) and ``nq`` is
-    non-increasing, so "rows with a k-th query" is a slice and the common case is a few
-    full-block comparisons.  Rows with very many queries are sorted once instead."""
-    out = np.empty(thr.size, np.int64)
+    Row r owns queries start[r] : start[r] + nq[r], and ``nq`` is non-increasing, so "rows
+    with a k-th query" is a slice and the usual case is one comparison of S per query slot.
+    Rows with very many queries are sorted once instead."""
     weights = None if col_runs == [(0, col_w.size, 1)] else col_w
     p = int(np.count_nonzero(nq > _SORT_MIN))
     for r in range(p):
@@ -201,7 +203,6 @@ def _row_counts(
         q = start[p:n] + k
         m = np.greater_equal(S[p:n], thr[q][:, None], out=buf[p:n])
         out[q] = _weighted_sum_rows(m, col_runs)
-    return out
 
 
 def _col_counts(
@@ -212,14 +213,19 @@ def _col_counts(
     row_w: np.ndarray,
     acc: np.ndarray,
     buf: np.ndarray,
+    sorted_part: bool,
 ) -> None:
-    """acc[q] += sum_r row_w[r] * [S[r, b] >= thr[q]] for query q of column b (same layout
-    as :func:`_row_counts`, transposed)."""
-    runs = _runs(row_w)
+    """acc[q] += sum_r row_w[r] * [S[r, b] >= thr[q]] for each query q of each column b
+    (layout as in :func:`_row_counts`, transposed).  ``sorted_part`` selects the columns with
+    more than _SORT_MIN queries (one sort each; run per block) or the others (comparisons;
+    run per tile)."""
     p = int(np.count_nonzero(nq > _SORT_MIN))
-    for b in range(p):
-        a = start[b]
-        acc[a : a + nq[b]] += _count_ge(S[:, b], thr[a : a + nq[b]], row_w)
+    if sorted_part:
+        for b in range(p):
+            a = start[b]
+            acc[a : a + nq[b]] += _count_ge(S[:, b], thr[a : a + nq[b]], row_w)
+        return
+    runs = _runs(row_w)
     for k in range(int(nq[p]) if p < nq.size else 0):
         n = int(np.count_nonzero(nq > k))
         q = start[p:n] + k
@@ -232,19 +238,21 @@ def _own_scores(
 ) -> np.ndarray:
     """Scores rows[row[i]] . cols[col[i]] (``row`` ascending) via batched small GEMMs.
 
-    Groups of _PREPASS_ROWS consecutive rows are multiplied by their own captions only; groups
-    are batched into one bmm per padded caption count (powers of two, so padding at most
-    doubles the work).  GEMMs, not dot products: they round like the main GEMM."""
+    Groups of _PREPASS_ROWS consecutive rows are multiplied by their own captions only, and
+    groups with similar caption counts (same quarter-octave) are batched into one bmm padded
+    to their largest count (padding < 19%).  GEMMs, not dot products: they round like the main
+    GEMM (dot-product kernels accumulate in another order)."""
     g_rows = _PREPASS_ROWS
     n_rows, n = rows_t.shape[0], row.size
     n_groups = -(-n_rows // g_rows)
     bounds = np.searchsorted(row, np.arange(n_groups + 1) * g_rows)
     bounds[-1] = n
     lens = np.diff(bounds)
-    pad = np.where(lens > 0, 1 << np.ceil(np.log2(np.maximum(lens, 1))).astype(np.int64), 0)
+    bucket = np.where(lens > 0, np.floor(4 * np.log2(np.maximum(lens, 1))), -1)
     out = np.empty(n, np.float32)
-    for width in np.unique(pad[pad > 0]):
-        gs = np.flatnonzero(pad == width)
+    for bk in np.unique(bucket[lens > 0]):
+        gs = np.flatnonzero(bucket == bk)
+        width = int(lens[gs].max())
         r_idx = np.minimum(gs[:, None] * g_rows + np.arange(g_rows), n_rows - 1)
         pos = bounds[gs][:, None] + np.arange(width)
         valid = pos < bounds[gs + 1][:, None]
@@ -352,6 +360,7 @@ def ranks(
 
         block = torch.empty((min(chunk, n_rows), n_cols), dtype=torch.float32)
         mask = np.empty((min(chunk, n_rows), n_cols), dtype=bool)
+        tile = int(np.clip(_TILE_BYTES // (4 * n_cols), 8, 256))
         for s in range(0, n_rows, chunk):
             e = min(s + chunk, n_rows)
             torch.mm(rows_t[s:e], cols_t.T, out=block[: e - s])
@@ -365,7 +374,7 @@ def ranks(
                 gt[:] = own
                 gt_t = gt[t_order]
 
-            # ---- i2t: one threshold per query, counted along its block row
+            # ---- i2t thresholds: one per query, compared along its block row
             q0, q1 = q_start[s], (q_start[e] if e < n_rows else q_order.size)
             if standard:
                 n_caps = per_image[q_order[q0:q1]]
@@ -375,11 +384,19 @@ def ranks(
                 at_max = np.add.reduceat((v >= np.repeat(thr, n_caps)).astype(np.int64), first)
             else:
                 thr = v  # same order: q_order is cap_sorted
-            cnt = _row_counts(S, thr, q_start[s:e] - q0, row_w[s:e], col_w, col_runs, mask)
+            # ---- counting.  i2t: each query against its row; t2i: this block's rows against
+            # every caption's ground truth.  Comparisons run on row tiles that stay in cache
+            # for both directions; heavily duplicated captions are sorted once per block.
+            _col_counts(S, gt_t, t_start, col_w, row_w[s:e], acc, mask, sorted_part=True)
+            cnt = np.empty(q1 - q0, np.int64)
+            qs = q_start[s:e] - q0
+            for a in range(0, e - s, tile):
+                b = min(a + tile, e - s)
+                _row_counts(S[a:b], thr, qs[a:b], row_w[s + a : s + b], col_w, col_runs,
+                            mask[a:b], cnt)
+                _col_counts(S[a:b], gt_t, t_start, col_w, row_w[s + a : s + b], acc, mask[a:b],
+                            sorted_part=False)
             i2t[q0:q1] = (1 + cnt - at_max) if standard else cnt
-
-            # ---- t2i: this block's rows counted against every caption's ground truth
-            _col_counts(S, gt_t, t_start, col_w, row_w[s:e], acc, mask[: e - s])
 
     i2t_ranks = np.empty_like(i2t)
     i2t_ranks[q_order] = i2t

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rcsr_ray.config import Config
 from rcsr_ray.data.federation import ClientShard
-from rcsr_ray.data.partition import PAIRED
+from rcsr_ray.data.partition import IMAGE_ONLY, PAIRED, TEXT_ONLY
 from rcsr_ray.models.adapters import AdapterPair
 
 
@@ -28,11 +28,22 @@ class ClientSettings:
     # "global": start from the global adapters and send back a delta; "local": start from the
     # client's own adapters kept on the worker and send back those (the local-only baseline).
     mode: str = "global"
+    anchor_weight: float = 0.0  # prototype anchoring (RCSR); 0 = off
+    report_prototypes: bool = False  # send per-cluster prototypes and update geometry (RCSR)
+    num_clusters: int = 1  # prototype slots: the partition's clusters, or 1 for "global" granularity
 
     @classmethod
-    def from_config(cls, cfg: Config, mode: str = "global") -> "ClientSettings":
+    def from_config(cls, cfg: Config, mode: str = "global", **extra) -> "ClientSettings":
         t = cfg.train
-        return cls(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.temperature, cfg.fed.prox_mu, mode)
+        return cls(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.temperature, mode=mode, **extra)
+
+
+@dataclass
+class GlobalState:
+    """What the server broadcasts each round (one object-store put)."""
+
+    params: torch.Tensor
+    prototypes: dict[str, torch.Tensor] | None = None  # image (C,d), text (C,d), seen (C,2) bool
 
 
 @dataclass
@@ -44,7 +55,8 @@ class ClientUpdate:
     loss: float = float("nan")
     steps: int = 0
     params: torch.Tensor | None = None  # only in "local" mode
-    metrics: dict = field(default_factory=dict)
+    prototypes: dict[str, torch.Tensor] | None = None  # image_sum, image_count, text_sum, text_count
+    geometry: torch.Tensor | None = None  # update norm, image share of it, cos to previous update, norm/sqrt(n)
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -75,33 +87,54 @@ class ClientWorker:
             self.state[client] = {}
         return self.shards[client]
 
-    def update(self, client: int, global_params: torch.Tensor, settings: ClientSettings, seed: int,
+    def update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
                round_idx: int) -> ClientUpdate:
         shard = self.shard(client)
-        if shard.modality != PAIRED or shard.num_images < 2:
-            # Without both modalities there is no contrastive signal: the client sits this round out.
-            return ClientUpdate(client, shard.modality, shard.num_images, None)
-        state = self.state[client]
-        start = state.get("params", global_params) if settings.mode == "local" else global_params
+        own = self.state[client]
+        has_img, has_txt = shard.modality in (PAIRED, IMAGE_ONLY), shard.modality in (PAIRED, TEXT_ONLY)
+        slots = self._slots(shard, settings)
+        anchors = state.prototypes if settings.anchor_weight > 0 else None
+        trainable = shard.num_images >= 2 and (shard.modality == PAIRED or (
+            anchors is not None and bool(anchors["seen"][slots, 1 if has_img else 0].any())))
+        if not trainable:
+            # No contrastive pair and no prototype to anchor to: the client sits this round out.
+            update = ClientUpdate(client, shard.modality, shard.num_images, None)
+            if settings.report_prototypes:
+                self.model.load_flat(state.params)
+                update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
+            return update
+        start = own.get("params", state.params) if settings.mode == "local" else state.params
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)
         try:
-            loss, steps = self._train(start, global_params, shard, settings, client_seed(seed, round_idx, client))
+            loss, steps = self._train(start, state.params, shard, slots, anchors, settings,
+                                      client_seed(seed, round_idx, client))
+            new = self.model.flat.detach().clone()
+            update = ClientUpdate(client, shard.modality, shard.num_images, new - start, loss, steps)
+            if settings.report_prototypes:
+                update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
+                update.geometry = self._geometry(update.delta, own, shard.num_images)
         finally:
             torch.set_num_threads(prev_threads)
-        new = self.model.flat.detach().clone()
         if settings.mode == "local":
-            state["params"] = new
-            return ClientUpdate(client, shard.modality, shard.num_images, new - start, loss, steps, params=new)
-        return ClientUpdate(client, shard.modality, shard.num_images, new - global_params, loss, steps)
+            own["params"] = update.params = new
+        return update
 
-    def _train(self, start, global_params, shard: ClientShard, s: ClientSettings, seed: int) -> tuple[float, int]:
+    @staticmethod
+    def _slots(shard: ClientShard, s: ClientSettings) -> torch.Tensor:
+        if s.num_clusters == 1:
+            return torch.zeros(shard.num_images, dtype=torch.long)
+        return torch.from_numpy(np.asarray(shard.clusters, np.int64))
+
+    def _train(self, start, global_params, shard: ClientShard, slots, anchors, s: ClientSettings,
+               seed: int) -> tuple[float, int]:
         model = self.model
         model.load_flat(start)
         params = list(model.parameters())
-        anchors = _views_like(global_params, params) if s.prox_mu > 0 else None
+        prox_targets = _views_like(global_params, params) if s.prox_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         g = torch.Generator().manual_seed(seed)
+        has_img, has_txt = shard.modality in (PAIRED, IMAGE_ONLY), shard.modality in (PAIRED, TEXT_ONLY)
         images = torch.from_numpy(shard.image_emb)
         captions = torch.from_numpy(shard.caption_emb)
         offsets = torch.from_numpy(shard.caption_offsets)
@@ -114,16 +147,60 @@ class ClientWorker:
                 if len(idx) < 2:
                     continue
                 pick = offsets[idx] + (torch.rand(len(idx), generator=g) * counts[idx]).long()
-                img, txt = model.encode(images[idx], captions[pick])
-                loss = info_nce(img, txt, s.temperature)
-                if s.prox_mu > 0:
-                    loss = loss + 0.5 * s.prox_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
+                img, txt = model.encode(images[idx] if has_img else None, captions[pick] if has_txt else None)
+                loss = info_nce(img, txt, s.temperature) if has_img and has_txt else img.new_zeros(()) \
+                    if has_img else txt.new_zeros(())
+                if anchors is not None:
+                    loss = loss + s.anchor_weight * anchor_loss(img, txt, slots[idx], anchors)
+                if prox_targets is not None:
+                    loss = loss + 0.5 * s.prox_mu * sum((p - a).pow(2).sum() for p, a in zip(params, prox_targets))
+                if not loss.requires_grad:
+                    continue  # nothing to anchor to in this batch
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.item()
                 steps += 1
         return total / max(steps, 1), steps
+
+    @torch.no_grad()
+    def _prototypes(self, shard: ClientShard, slots, num_slots: int, has_img: bool, has_txt: bool) -> dict:
+        """Per-cluster sums and counts of the adapted embeddings of each modality the client has."""
+        d = shard.image_emb.shape[1]
+        out = {}
+        if has_img:
+            emb = self.model.image(torch.from_numpy(shard.image_emb))
+            out["image_sum"] = torch.zeros(num_slots, d).index_add_(0, slots, emb)
+            out["image_count"] = torch.bincount(slots, minlength=num_slots).float()
+        if has_txt:
+            counts = torch.from_numpy(np.diff(shard.caption_offsets))
+            cap_slots = torch.repeat_interleave(slots, counts)
+            emb = self.model.text(torch.from_numpy(shard.caption_emb))
+            out["text_sum"] = torch.zeros(num_slots, d).index_add_(0, cap_slots, emb)
+            out["text_count"] = torch.bincount(cap_slots, minlength=num_slots).float()
+        return out
+
+    def _geometry(self, delta: torch.Tensor, own: dict, n: int) -> torch.Tensor:
+        norm = delta.norm()
+        img_norm, txt_norm = delta[:self.model.image_numel].norm(), delta[self.model.image_numel:].norm()
+        prev = own.get("prev_delta")
+        cos = F.cosine_similarity(delta, prev, dim=0) if prev is not None else delta.new_zeros(())
+        own["prev_delta"] = delta
+        # The image share of the update norm stays bounded for unimodal clients, unlike a ratio.
+        return torch.stack([norm, img_norm / (img_norm + txt_norm + 1e-12), cos, norm / n ** 0.5]).float()
+
+
+def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch.Tensor, protos: dict) -> torch.Tensor:
+    """Mean (1 - cos) of adapted embeddings to the other modality's global prototype of their cluster."""
+    terms = []
+    for emb, target, col in ((img, "text", 1), (txt, "image", 0)):
+        if emb is None:
+            continue
+        seen = protos["seen"][slots, col]
+        if seen.any():
+            goal = F.normalize(protos[target][slots[seen]], dim=-1)
+            terms.append((1 - (emb[seen] * goal).sum(-1)).mean())
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def _views_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -5,6 +5,7 @@ Plain torch; the strategy that drives a round lives elsewhere and calls these pi
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -319,7 +320,9 @@ class RouterTrainer:
         return parts
 
     def state_dict(self) -> dict:
-        return {"router": self.router.state_dict(), "optimizer": self.optimizer.state_dict()}
+        # Deep copies: Adam's state_dict holds its live moment tensors, and a trainer loaded from it
+        # would otherwise share (and keep mutating) them.
+        return copy.deepcopy({"router": self.router.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         self.router.load_state_dict(state["router"])

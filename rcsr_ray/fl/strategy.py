@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rcsr_ray.config import Config
-from rcsr_ray.fl.client import ClientSettings, ClientUpdate
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate, GlobalState
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ class FedAvg:
 
     def client_settings(self, round_idx: int) -> ClientSettings:
         return ClientSettings.from_config(self.cfg, self.client_mode)
+
+    def broadcast(self, round_idx: int, params: torch.Tensor) -> GlobalState:
+        return GlobalState(params)
 
     def accepted(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """Updates that can be aggregated; a non-finite one is rejected, logged and counted."""
@@ -68,6 +71,15 @@ class FedAvg:
         for wk, u in zip(w, ok):  # client-id order
             step += wk * u.delta.double()
         return params + step.to(params.dtype), metrics
+
+
+class FedProx(FedAvg):
+    """FedAvg plus a proximal term (fed.prox_mu) toward the global adapters in the client loss."""
+
+    name = "fedprox"
+
+    def client_settings(self, round_idx: int) -> ClientSettings:
+        return ClientSettings.from_config(self.cfg, self.client_mode, prox_mu=self.cfg.fed.prox_mu)
 
 
 class Local(FedAvg):
@@ -102,8 +114,12 @@ class ZeroShot(FedAvg):
     trains = False
 
 
-STRATEGIES = {cls.name: cls for cls in (FedAvg, Local, Central, ZeroShot)}
+STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Local, Central, ZeroShot)}
 
 
-def make_strategy(cfg: Config):
+def make_strategy(cfg: Config, num_clients: int, num_clusters: int, dim: int):
+    if cfg.fed.method == "rcsr":
+        from rcsr_ray.fl.rcsr import RCSR
+
+        return RCSR(cfg, num_clients, num_clusters, dim)
     return STRATEGIES[cfg.fed.method](cfg)

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-
 from rcsr_ray.config import Config
-from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
 
 
 class LocalBackend:
@@ -14,9 +12,9 @@ class LocalBackend:
     def __init__(self, federation, cfg: Config):
         self.worker = ClientWorker(federation, cfg.model.adapter.bottleneck, cfg.runtime.torch_threads)
 
-    def train(self, params: torch.Tensor, clients: np.ndarray, settings: ClientSettings, seed: int,
+    def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int) -> list[ClientUpdate]:
-        return [self.worker.update(int(c), params, settings, seed, round_idx) for c in clients]
+        return [self.worker.update(int(c), state, settings, seed, round_idx) for c in clients]
 
     def shutdown(self) -> None:
         pass

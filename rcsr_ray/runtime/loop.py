@@ -63,7 +63,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     t0 = time.perf_counter()
     store = open_store(cfg)
     federation = build_federation(cfg, store)
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, federation.num_clients, federation.partition.num_clusters, store.dim)
     train_fed = PooledFederation(federation) if strategy.name == "central" else federation
     evaluator = GlobalEvaluator(store, cfg)
     params = initial_params(store.dim, cfg.model.adapter.bottleneck, cfg.model.adapter.init_scale, cfg.seed)
@@ -75,7 +75,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     try:
         for r in bar:
             clients = strategy.sample(r, train_fed.num_clients)
-            updates = backend.train(params, clients, strategy.client_settings(r), cfg.seed, r)
+            updates = backend.train(strategy.broadcast(r, params), clients, strategy.client_settings(r), cfg.seed, r)
             params, agg = strategy.aggregate(r, params, updates)
             if r % cfg.eval.every == 0 or r == rounds:
                 if strategy.name == "local":
@@ -96,5 +96,6 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                    zeroshot={k: zeroshot[k] for k in (*METRIC_KEYS, "mean_r1")})
     out = None
     if out_dir is not None:
-        out = rundir.write_run(Path(out_dir), cfg, rows, summary, params, federation)
+        out = rundir.write_run(Path(out_dir), cfg, rows, summary, params, federation,
+                               getattr(strategy, "diagnostics", None))
     return RunResult(summary, rows, params, out)

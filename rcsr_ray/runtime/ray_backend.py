@@ -15,7 +15,7 @@ import ray
 import torch
 
 from rcsr_ray.config import Config
-from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ class ClientActor:
         torch.set_num_threads(torch_threads)
         self.worker = ClientWorker(federation, bottleneck, torch_threads)
 
-    def train(self, params: torch.Tensor, clients: list[int], settings: ClientSettings, seed: int,
+    def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
               round_idx: int) -> list[ClientUpdate]:
-        return [self.worker.update(c, params, settings, seed, round_idx) for c in clients]
+        return [self.worker.update(c, state, settings, seed, round_idx) for c in clients]
 
 
 def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clients_per_actor: int | None) -> int:
@@ -66,13 +66,13 @@ class RayBackend:
             self.actors.append(ClientActor.options(name=name, num_cpus=rt.client_cpus).remote(
                 federation, cfg.model.adapter.bottleneck, rt.torch_threads))
 
-    def train(self, params: torch.Tensor, clients: np.ndarray, settings: ClientSettings, seed: int,
+    def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int) -> list[ClientUpdate]:
-        params_ref = ray.put(params)
+        state_ref = ray.put(state)
         by_actor: dict[int, list[int]] = {}
         for c in clients:
             by_actor.setdefault(int(c) // self.per_actor, []).append(int(c))
-        futures = [self.actors[a].train.remote(params_ref, cs, settings, seed, round_idx)
+        futures = [self.actors[a].train.remote(state_ref, cs, settings, seed, round_idx)
                    for a, cs in sorted(by_actor.items())]
         updates = [u for batch in ray.get(futures) for u in batch]
         return sorted(updates, key=lambda u: u.client_id)

@@ -11,13 +11,16 @@ from rcsr_ray.config import Config, dump_yaml
 from rcsr_ray.data.partition import summary_frame
 
 
-def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation) -> Path:
+def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation,
+              router_rows: list[dict] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "metrics.csv", index=False)
     frame.to_parquet(out / "metrics.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if router_rows:
+        pd.DataFrame(router_rows).to_csv(out / "router.csv", index=False)
     summary_frame(federation.partition).to_csv(out / "partition.csv", index=False)
     torch.save({"params": params, "config": cfg.to_dict(), "summary": summary}, out / "final.pt")
     plot_curves(frame, out / "curves.png", title=f"{summary['method']} · preset {cfg.preset or '-'}")
