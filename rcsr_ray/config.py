@@ -104,6 +104,7 @@ class RCSRConfig:
     anchoring: bool = True  # prototype anchoring in the client loss; off = no anchoring term
     granularity: str = "cluster"  # prototypes per semantic cluster, or "global" (one per modality, authors' code)
     anchor_weight: float = 0.5  # weight of the anchoring term (METHOD.md leaves it open)
+    clip_anchor: float = 0.0  # weight of the optional CLIP anchor (adapted embeddings stay near the frozen ones)
     prox_mu: float = 0.01  # proximal term toward the global adapters
     proto_decay: float = 0.95  # EMA decay of the global prototypes and alignment direction
     minimax_eta: float = 0.1
@@ -215,6 +216,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rcsr.granularity": (lambda v: v in ("cluster", "global"), "one of cluster, global"),
     "rcsr.anchor_weight": (_nonneg, "a number >= 0"),
     "rcsr.prox_mu": (_nonneg, "a number >= 0"),
+    "rcsr.clip_anchor": (_nonneg, "a number >= 0"),
     "rcsr.proto_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "rcsr.minimax_eta": (_nonneg, "a number >= 0"),
     "rcsr.minimax_tau": (_nonneg, "a number >= 0"),

@@ -35,7 +35,7 @@ def test_unimodal_clients_sit_out_fedavg(small_config):
 
     cfg = small_config(**{"partition.missing_rate": 0.5})
     fed = build_federation(cfg)
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
     backend = LocalBackend(fed, cfg)
     params = torch.zeros(backend.worker.model.flat.numel())
     updates = backend.train(GlobalState(params), np.arange(fed.num_clients), strategy.client_settings(1), cfg.seed, 1)

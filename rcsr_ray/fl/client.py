@@ -29,6 +29,7 @@ class ClientSettings:
     # client's own adapters kept on the worker and send back those (the local-only baseline).
     mode: str = "global"
     anchor_weight: float = 0.0  # prototype anchoring (RCSR); 0 = off
+    clip_anchor: float = 0.0  # keep adapted embeddings near the frozen ones (RCSR's optional CLIP anchor)
     report_prototypes: bool = False  # send per-cluster prototypes and update geometry (RCSR)
     num_clusters: int = 1  # prototype slots: the partition's clusters, or 1 for "global" granularity
 
@@ -152,6 +153,8 @@ class ClientWorker:
                     if has_img else txt.new_zeros(())
                 if anchors is not None:
                     loss = loss + s.anchor_weight * anchor_loss(img, txt, slots[idx], anchors)
+                if s.clip_anchor > 0:
+                    loss = loss + s.clip_anchor * clip_anchor_loss(img, images[idx], txt, captions[pick])
                 if prox_targets is not None:
                     loss = loss + 0.5 * s.prox_mu * sum((p - a).pow(2).sum() for p, a in zip(params, prox_targets))
                 if not loss.requires_grad:
@@ -201,6 +204,12 @@ def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch
             goal = F.normalize(protos[target][slots[seen]], dim=-1)
             terms.append((1 - (emb[seen] * goal).sum(-1)).mean())
     return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def clip_anchor_loss(img, img_in, txt, txt_in) -> torch.Tensor:
+    """Mean (1 - cos) between adapted and frozen embeddings: stops anchoring from collapsing instances."""
+    terms = [(1 - F.cosine_similarity(a, x, dim=-1)).mean() for a, x in ((img, img_in), (txt, txt_in)) if a is not None]
+    return torch.stack(terms).mean()
 
 
 def _views_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,6 @@ EMA global prototypes, one router step per round. Each piece can be switched off
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from rcsr_ray.config import Config
@@ -35,6 +34,7 @@ class RCSR(FedAvg):
         r = self.cfg.rcsr
         return ClientSettings.from_config(self.cfg, self.client_mode, prox_mu=r.prox_mu,
                                           anchor_weight=r.anchor_weight if r.anchoring else 0.0,
+                                          clip_anchor=r.clip_anchor,
                                           report_prototypes=True, num_clusters=self.num_clusters)
 
     def broadcast(self, round_idx: int, params: torch.Tensor) -> GlobalState:
@@ -43,8 +43,7 @@ class RCSR(FedAvg):
     def aggregate(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:
         r = self.cfg.rcsr
         ok = self.accepted(updates)
-        metrics = {"trained_clients": len(ok), "rejected_updates": self.rejected_total,
-                   "train_loss": float(np.mean([u.loss for u in ok])) if ok else float("nan")}
+        metrics = self.round_metrics(ok)
         if not ok:
             # Nobody could train yet (e.g. only unimodal clients before any prototype exists):
             # their prototypes still seed the global ones.
@@ -64,10 +63,7 @@ class RCSR(FedAvg):
         if r.minimax:
             self.q = minimax_update(self.q, ids, losses.double(), r.minimax_eta, r.minimax_tau)
         w = fuse_weights(router_w, self.q[ids])
-        step = torch.zeros_like(params, dtype=torch.float64)
-        for wk, u in zip(w, ok):  # client-id order
-            step += wk * u.delta.double()
-        params = params + step.to(params.dtype)
+        params = self.apply(params, w, ok)
         self.prototypes.update(protos, w)
         if self.router:
             g_img, g_txt = self.prototypes.pooled()

@@ -60,17 +60,21 @@ class FedAvg:
         n = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
         return n / n.sum()
 
+    def round_metrics(self, ok: list[ClientUpdate]) -> dict:
+        return {"trained_clients": len(ok), "rejected_updates": self.rejected_total,
+                "train_loss": float(np.mean([u.loss for u in ok])) if ok else float("nan")}
+
+    @staticmethod
+    def apply(params: torch.Tensor, w: torch.Tensor, ok: list[ClientUpdate]) -> torch.Tensor:
+        """theta + sum_k w_k delta_k, summed in float64 in client-id order (deterministic)."""
+        step = torch.zeros_like(params, dtype=torch.float64)
+        for wk, u in zip(w, ok):
+            step += wk * u.delta.double()
+        return params + step.to(params.dtype)
+
     def aggregate(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:
         ok = self.accepted(updates)
-        metrics = {"trained_clients": len(ok), "rejected_updates": self.rejected_total,
-                   "train_loss": float(np.mean([u.loss for u in ok])) if ok else float("nan")}
-        if not ok:
-            return params, metrics
-        w = self.weights(ok)
-        step = torch.zeros_like(params, dtype=torch.float64)
-        for wk, u in zip(w, ok):  # client-id order
-            step += wk * u.delta.double()
-        return params + step.to(params.dtype), metrics
+        return (self.apply(params, self.weights(ok), ok) if ok else params), self.round_metrics(ok)
 
 
 class FedProx(FedAvg):
@@ -96,8 +100,7 @@ class Local(FedAvg):
         ok = self.accepted(updates)
         for u in ok:
             self.client_params[u.client_id] = u.params
-        return params, {"trained_clients": len(ok), "rejected_updates": self.rejected_total,
-                        "train_loss": float(np.mean([u.loss for u in ok])) if ok else float("nan")}
+        return params, self.round_metrics(ok)
 
 
 class Central(FedAvg):
