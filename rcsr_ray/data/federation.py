@@ -12,8 +12,8 @@ import numpy as np
 
 from rcsr_ray.config import Config
 from rcsr_ray.data import synthetic
-from rcsr_ray.data.partition import PAIRED, Partition, dirichlet_partition, semantic_clusters
-from rcsr_ray.data.store import FeatureStore, SplitView
+from rcsr_ray.data.partition import IMAGE_ONLY, PAIRED, TEXT_ONLY, Partition, dirichlet_partition, semantic_clusters
+from rcsr_ray.data.store import FeatureStore, SplitView, concat_ranges
 
 
 @dataclass
@@ -28,6 +28,14 @@ class ClientShard:
     @property
     def num_images(self) -> int:
         return len(self.image_emb)
+
+    @property
+    def has_image(self) -> bool:
+        return self.modality != TEXT_ONLY
+
+    @property
+    def has_text(self) -> bool:
+        return self.modality != IMAGE_ONLY
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Federation:
         image_emb = np.asarray(store.image_emb[train.image_rows[local]])
         starts, ends = train.caption_offsets[local], train.caption_offsets[local + 1]
         counts = ends - starts
-        cap_local = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+        cap_local = concat_ranges(starts, ends)
         caption_emb = np.asarray(store.caption_emb[train.caption_rows[cap_local]])
         if self.shift_seed is not None and self.shift_strength > 0:
             img_shift, txt_shift = synthetic.client_shift_vectors(self.shift_seed, client, store.dim,

@@ -38,6 +38,14 @@ class SplitView:
     caption_offsets: np.ndarray  # (len(image_rows)+1,) captions of image i are caption_rows[o[i]:o[i+1]]
 
 
+def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """np.concatenate([arange(s, e) for s, e in zip(starts, ends)]), vectorised."""
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    lengths = ends - starts
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + np.arange(lengths.sum(), dtype=np.int64) - offsets
+
+
 class FeatureStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -78,10 +86,8 @@ class FeatureStore:
         starts, ends = self.caption_offsets[image_rows], self.caption_offsets[image_rows + 1]
         counts = ends - starts
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        caption_rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(image_rows) else \
-            np.zeros(0, np.int64)
         caption_image = np.repeat(np.arange(len(image_rows)), counts)
-        return SplitView(image_rows, caption_rows.astype(np.int64), caption_image.astype(np.int64), offsets)
+        return SplitView(image_rows, concat_ranges(starts, ends), caption_image.astype(np.int64), offsets)
 
 
 def write_store(path: str | Path, image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: np.ndarray,

@@ -5,7 +5,7 @@ place per client, so nothing is rebuilt per client or per round.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rcsr_ray.config import Config
 from rcsr_ray.data.federation import ClientShard
-from rcsr_ray.data.partition import IMAGE_ONLY, PAIRED, TEXT_ONLY
+from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.models.adapters import AdapterPair
 
 
@@ -31,7 +31,7 @@ class ClientSettings:
     anchor_weight: float = 0.0  # prototype anchoring (RCSR); 0 = off
     clip_anchor: float = 0.0  # keep adapted embeddings near the frozen ones (RCSR's optional CLIP anchor)
     report_prototypes: bool = False  # send per-cluster prototypes and update geometry (RCSR)
-    num_clusters: int = 1  # prototype slots: the partition's clusters, or 1 for "global" granularity
+    num_clusters: int = 1  # prototype slots: the partition's clusters (the server folds them for "global")
 
     @classmethod
     def from_config(cls, cfg: Config, mode: str = "global", **extra) -> "ClientSettings":
@@ -92,8 +92,8 @@ class ClientWorker:
                round_idx: int) -> ClientUpdate:
         shard = self.shard(client)
         own = self.state[client]
-        has_img, has_txt = shard.modality in (PAIRED, IMAGE_ONLY), shard.modality in (PAIRED, TEXT_ONLY)
-        slots = self._slots(shard, settings)
+        has_img, has_txt = shard.has_image, shard.has_text
+        slots = torch.from_numpy(np.asarray(shard.clusters, np.int64))
         anchors = state.prototypes if settings.anchor_weight > 0 else None
         trainable = shard.num_images >= 2 and (shard.modality == PAIRED or (
             anchors is not None and bool(anchors["seen"][slots, 1 if has_img else 0].any())))
@@ -121,12 +121,6 @@ class ClientWorker:
             own["params"] = update.params = new
         return update
 
-    @staticmethod
-    def _slots(shard: ClientShard, s: ClientSettings) -> torch.Tensor:
-        if s.num_clusters == 1:
-            return torch.zeros(shard.num_images, dtype=torch.long)
-        return torch.from_numpy(np.asarray(shard.clusters, np.int64))
-
     def _train(self, start, global_params, shard: ClientShard, slots, anchors, s: ClientSettings,
                seed: int) -> tuple[float, int]:
         model = self.model
@@ -135,7 +129,7 @@ class ClientWorker:
         prox_targets = _views_like(global_params, params) if s.prox_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         g = torch.Generator().manual_seed(seed)
-        has_img, has_txt = shard.modality in (PAIRED, IMAGE_ONLY), shard.modality in (PAIRED, TEXT_ONLY)
+        has_img, has_txt = shard.has_image, shard.has_text
         images = torch.from_numpy(shard.image_emb)
         captions = torch.from_numpy(shard.caption_emb)
         offsets = torch.from_numpy(shard.caption_offsets)
