@@ -49,6 +49,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _csv(text: str, cast=str) -> list:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def cmd_compare(args) -> int:
+    from rcsr_ray.config import METHODS, ConfigError
+    from rcsr_ray.runtime.compare import format_table, run_compare
+
+    cfg = _load(args)
+    methods = _csv(args.methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError("--methods", m, f"methods from {', '.join(METHODS)}")
+    try:
+        seeds = _csv(args.seeds, int)
+    except ValueError:
+        raise ConfigError("--seeds", args.seeds, "comma-separated integers") from None
+    out = Path(args.out) if args.out else _default_out("compare")
+    frame = run_compare(cfg, methods, seeds, out, progress=not args.quiet)
+    print(format_table(frame, methods))
+    print(f"\n{len(frame)} runs; {out / 'compare.csv'}, {out / 'compare.png'}")
+    return 0
+
+
 def cmd_partition(args) -> int:
     from rcsr_ray.data.federation import build_federation
     from rcsr_ray.data.partition import plot_partition, skew_kl, summary_frame
@@ -78,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default runs/<time>-<method>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+    comp = sub.add_parser("compare", help="several methods on the same partitions and seeds")
+    _config_args(comp)
+    comp.add_argument("--methods", required=True, help="comma-separated, e.g. fedavg,fedprox,rcsr")
+    comp.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    comp.add_argument("--out", help="folder (default runs/<time>-compare)")
+    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    comp.set_defaults(func=cmd_compare)
     part = sub.add_parser("partition", help="print and plot the client partition")
     _config_args(part)
     part.add_argument("--plot", default="partition.png", help="PNG of per-client cluster histograms")

@@ -93,6 +93,8 @@ class FedConfig:
     rounds: int = 50
     participation: float = 0.5  # fraction of clients sampled each round
     prox_mu: float = 0.01  # fedprox's proximal weight toward the global adapters (other methods ignore it)
+    moon_mu: float = 1.0  # moon's model-contrastive weight
+    moon_temperature: float = 0.5  # moon's temperature
 
 
 @dataclass
@@ -102,6 +104,7 @@ class RCSRConfig:
     router: bool = True  # semantic router; off = uniform router weights
     minimax: bool = True  # minimax fairness weights; off = uniform q
     anchoring: bool = True  # prototype anchoring in the client loss; off = no anchoring term
+    personal: bool = False  # client-owned personal adapters for each client's own retrieval (optional)
     granularity: str = "cluster"  # prototypes per semantic cluster, or "global" (one per modality, authors' code)
     anchor_weight: float = 0.5  # weight of the anchoring term (METHOD.md leaves it open)
     clip_anchor: float = 0.0  # weight of the optional CLIP anchor (adapted embeddings stay near the frozen ones)
@@ -123,6 +126,7 @@ class RCSRConfig:
 class EvalConfig:
     protocol: str = "standard"  # standard (all captions per image) | diagonal (the authors' code)
     every: int = 5  # evaluate every N rounds (the last round always)
+    local_test_images: int = 100  # images in each client's personal test set (drawn with its cluster mix)
 
 
 @dataclass
@@ -161,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "S4"
 
-METHODS = ("rcsr", "fedavg", "fedprox", "zeroshot", "local", "central")
+METHODS = ("rcsr", "fedavg", "fedprox", "moon", "fedper", "zeroshot", "local", "central")
 
 
 def _positive(v):
@@ -213,6 +217,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "fed.rounds": (_nonneg, "an integer >= 0"),
     "fed.participation": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "fed.prox_mu": (_nonneg, "a number >= 0"),
+    "fed.moon_mu": (_nonneg, "a number >= 0"),
+    "fed.moon_temperature": (_positive, "a number > 0"),
     "rcsr.granularity": (lambda v: v in ("cluster", "global"), "one of cluster, global"),
     "rcsr.anchor_weight": (_nonneg, "a number >= 0"),
     "rcsr.prox_mu": (_nonneg, "a number >= 0"),
@@ -226,6 +232,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rcsr.router_lr": (_positive, "a number > 0"),
     "eval.protocol": (lambda v: v in ("standard", "diagonal"), "one of standard, diagonal"),
     "eval.every": (_positive, "a positive integer"),
+    "eval.local_test_images": (_positive, "a positive integer"),
     "runtime.backend": (lambda v: v in ("ray", "local"), "one of ray, local"),
     "runtime.num_cpus": (lambda v: v is None or v > 0, "a positive integer or null"),
     "runtime.client_cpus": (_positive, "a number > 0"),

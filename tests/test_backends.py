@@ -12,6 +12,10 @@ def test_fedavg_local_and_ray_bit_identical(small_config, ray_session):
                                                    "runtime.client_cpus": 0.25}), progress=False)
     assert torch.equal(local.params, packed.params)
     assert torch.equal(local.params, one_per_actor.params)
+    fedper_local = run_simulation(small_config(**{"fed.method": "fedper"}), progress=False)
+    fedper_ray = run_simulation(small_config(**{"fed.method": "fedper", "runtime.backend": "ray"}), progress=False)
+    assert fedper_local.clients.equals(fedper_ray.clients)  # personal adapters evaluated inside the actors
+    assert fedper_ray.clients["personal_i2t_r1"].notna().any()
     drop = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
     assert [drop(r) for r in local.metrics] == [drop(r) for r in packed.metrics]
     # It trained: weights moved and retrieval changed from zero-shot.

@@ -47,7 +47,7 @@ def test_anchoring_reduces_distance_to_prototypes(small_config):
 
     before = distance(params)
     settings = ClientSettings(3, 32, 1e-2, 0.0, 0.07, anchor_weight=1.0)
-    worker._train(params, params, shard.__class__(**{**shard.__dict__, "modality": 1}), slots, protos, settings, 0)
+    worker._train(params, params, shard.__class__(**{**shard.__dict__, "modality": 1}), slots, protos, settings, 0, {})
     after = distance(worker.model.flat.clone())
     assert after < before - 0.05, (before, after)
 

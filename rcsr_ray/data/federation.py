@@ -45,6 +45,10 @@ class Federation:
     train: SplitView
     shift_seed: int | None  # data seed for synthetic client shifts (None: real data, no shift)
     shift_strength: float
+    test: SplitView | None = None  # the global test split, source of the clients' local test sets
+    test_clusters: np.ndarray | None = None  # semantic cluster of each test image
+    seed: int = 0
+    local_test_images: int = 100
 
     @cached_property
     def store(self) -> FeatureStore:
@@ -61,7 +65,22 @@ class Federation:
 
     def shard(self, client: int) -> ClientShard:
         local = self.partition.client_indices[client]  # positions within the train split
-        return self._shard(client, local, int(self.partition.modality[client]))
+        return self._shard(client, local, int(self.partition.modality[client]), self.train)
+
+    def local_test_shard(self, client: int) -> ClientShard:
+        """The client's personal test set: global test images drawn with the client's own cluster mix
+        (in its own domain, all captions, both modalities whatever the client holds)."""
+        mix = np.bincount(self.partition.clusters[self.partition.client_indices[client]],
+                          minlength=self.partition.num_clusters).astype(np.float64)
+        per_cluster = np.bincount(self.test_clusters, minlength=len(mix)).astype(np.float64)
+        # Each test image gets its cluster's share of the client's mix, split over the cluster's images.
+        p = mix[self.test_clusters] / np.maximum(per_cluster[self.test_clusters], 1)
+        if p.sum() == 0:
+            p = np.ones(len(self.test_clusters))
+        n = min(self.local_test_images, int(np.count_nonzero(p)))
+        rng = np.random.default_rng([self.seed, client, 0x7E57])
+        picked = np.sort(rng.choice(len(p), size=n, replace=False, p=p / p.sum()))
+        return self._shard(client, picked, PAIRED, self.test, self.test_clusters)
 
     def pooled_shard(self) -> ClientShard:
         """All clients' training data in one paired shard (the centralized upper bound)."""
@@ -74,21 +93,22 @@ class Federation:
                            np.concatenate([s.caption_emb for s in shards]), np.concatenate(offsets),
                            np.concatenate([s.clusters for s in shards]))
 
-    def _shard(self, client: int, local: np.ndarray, modality: int) -> ClientShard:
-        store, train = self.store, self.train
-        image_emb = np.asarray(store.image_emb[train.image_rows[local]])
-        starts, ends = train.caption_offsets[local], train.caption_offsets[local + 1]
+    def _shard(self, client: int, local: np.ndarray, modality: int, split: SplitView,
+               clusters: np.ndarray | None = None) -> ClientShard:
+        store = self.store
+        image_emb = np.asarray(store.image_emb[split.image_rows[local]])
+        starts, ends = split.caption_offsets[local], split.caption_offsets[local + 1]
         counts = ends - starts
-        cap_local = concat_ranges(starts, ends)
-        caption_emb = np.asarray(store.caption_emb[train.caption_rows[cap_local]])
+        caption_emb = np.asarray(store.caption_emb[split.caption_rows[concat_ranges(starts, ends)]])
         if self.shift_seed is not None and self.shift_strength > 0:
             img_shift, txt_shift = synthetic.client_shift_vectors(self.shift_seed, client, store.dim,
                                                                   self.shift_strength)
             image_emb = _renorm(image_emb + img_shift)
             caption_emb = _renorm(caption_emb + txt_shift)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        clusters = self.partition.clusters if clusters is None else clusters
         return ClientShard(client, modality, image_emb.astype(np.float32), caption_emb.astype(np.float32), offsets,
-                           self.partition.clusters[local])
+                           clusters[local])
 
 
 @dataclass
@@ -121,17 +141,31 @@ def build_federation(cfg: Config, store: FeatureStore | None = None) -> Federati
     train = store.split("train")
     if len(train.image_rows) == 0:
         raise ValueError(f"{store.path}: the feature store has no training images")
+    test = store.split("test")
     if store.has_clusters:
-        clusters = store.images["cluster"].to_numpy(np.int64)[train.image_rows]
+        labels = store.images["cluster"].to_numpy(np.int64)
+        clusters, test_clusters = labels[train.image_rows], labels[test.image_rows]
         num_clusters = int(clusters.max()) + 1
     else:
         feats = np.ascontiguousarray(store.image_emb[train.image_rows], dtype=np.float32)
         num_clusters = min(cfg.partition.clusters, len(feats))
         clusters = semantic_clusters(feats, num_clusters, cfg.seed)
+        test_clusters = nearest_cluster(feats, clusters, num_clusters, np.asarray(store.image_emb[test.image_rows]))
     p = cfg.partition
     partition = dirichlet_partition(clusters, p.num_clients, p.alpha, p.min_samples, p.missing_rate,
                                     p.image_only_share, cfg.seed, num_clusters=num_clusters)
     synthetic_source = cfg.data.source == "synthetic"
     return Federation(str(store.path), partition, train,
                       cfg.data.synthetic.seed if synthetic_source else None,
-                      cfg.data.synthetic.client_shift if synthetic_source else 0.0)
+                      cfg.data.synthetic.client_shift if synthetic_source else 0.0,
+                      test, test_clusters, cfg.seed, cfg.eval.local_test_images)
+
+
+def nearest_cluster(feats: np.ndarray, clusters: np.ndarray, k: int, queries: np.ndarray) -> np.ndarray:
+    """Cluster of each query: the nearest cluster mean of the training features (cosine)."""
+    means = np.zeros((k, feats.shape[1]), np.float64)
+    np.add.at(means, clusters, feats)
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    if len(queries) == 0:
+        return np.zeros(0, np.int64)
+    return (np.asarray(queries, np.float64) @ means.T).argmax(1).astype(np.int64)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from rcsr_ray.config import Config
 from rcsr_ray.data.federation import ClientShard
 from rcsr_ray.data.partition import PAIRED
-from rcsr_ray.models.adapters import AdapterPair
+from rcsr_ray.eval.retrieval import evaluate
+from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class ClientSettings:
     mode: str = "global"
     anchor_weight: float = 0.0  # prototype anchoring (RCSR); 0 = off
     clip_anchor: float = 0.0  # keep adapted embeddings near the frozen ones (RCSR's optional CLIP anchor)
+    personal: bool = False  # train client-owned personal adapters (FedPer, RCSR option); never sent
+    moon_mu: float = 0.0  # MOON's model-contrastive term; 0 = off
+    moon_temperature: float = 0.5
     report_prototypes: bool = False  # send per-cluster prototypes and update geometry (RCSR)
     num_clusters: int = 1  # prototype slots: the partition's clusters (the server folds them for "global")
 
@@ -76,10 +80,15 @@ class ClientWorker:
 
     def __init__(self, federation, bottleneck: int, torch_threads: int = 1):
         self.federation = federation  # anything with .shard(client) -> ClientShard
-        self.model = AdapterPair(federation.store.dim, bottleneck)
+        dim = federation.store.dim
+        self.model = AdapterPair(dim, bottleneck)
+        # Scratch models whose weights are swapped in per client: personal adapters, MOON's references.
+        self.personal_model = AdapterPair(dim, bottleneck)
+        self.moon_models = (AdapterPair(dim, bottleneck), AdapterPair(dim, bottleneck))
         self.torch_threads = torch_threads
         self.shards: dict[int, ClientShard] = {}
         self.state: dict[int, dict] = {}  # per client, never sent to the server
+        self.test_shards: dict[int, ClientShard] = {}
 
     def shard(self, client: int) -> ClientShard:
         """The client's data, read from the feature store on first use and then kept."""
@@ -109,7 +118,7 @@ class ClientWorker:
         torch.set_num_threads(self.torch_threads)
         try:
             loss, steps = self._train(start, state.params, shard, slots, anchors, settings,
-                                      client_seed(seed, round_idx, client))
+                                      client_seed(seed, round_idx, client), own)
             new = self.model.flat.detach().clone()
             update = ClientUpdate(client, shard.modality, shard.num_images, new - start, loss, steps)
             if settings.report_prototypes:
@@ -122,43 +131,83 @@ class ClientWorker:
         return update
 
     def _train(self, start, global_params, shard: ClientShard, slots, anchors, s: ClientSettings,
-               seed: int) -> tuple[float, int]:
+               seed: int, own: dict) -> tuple[float, int]:
         model = self.model
         model.load_flat(start)
         params = list(model.parameters())
         prox_targets = _views_like(global_params, params) if s.prox_mu > 0 else None
+        moon = self._moon_references(global_params, own.get("moon_prev", global_params)) if s.moon_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         g = torch.Generator().manual_seed(seed)
         has_img, has_txt = shard.has_image, shard.has_text
         images = torch.from_numpy(shard.image_emb)
         captions = torch.from_numpy(shard.caption_emb)
-        offsets = torch.from_numpy(shard.caption_offsets)
-        counts = offsets[1:] - offsets[:-1]
-        n, total, steps = shard.num_images, 0.0, 0
-        for _ in range(s.local_epochs):
-            perm = torch.randperm(n, generator=g)
-            for b in range(0, n, s.batch_size):
-                idx = perm[b:b + s.batch_size]
-                if len(idx) < 2:
-                    continue
-                pick = offsets[idx] + (torch.rand(len(idx), generator=g) * counts[idx]).long()
-                img, txt = model.encode(images[idx] if has_img else None, captions[pick] if has_txt else None)
-                loss = info_nce(img, txt, s.temperature) if has_img and has_txt else img.new_zeros(()) \
-                    if has_img else txt.new_zeros(())
-                if anchors is not None:
-                    loss = loss + s.anchor_weight * anchor_loss(img, txt, slots[idx], anchors)
-                if s.clip_anchor > 0:
-                    loss = loss + s.clip_anchor * clip_anchor_loss(img, images[idx], txt, captions[pick])
-                if prox_targets is not None:
-                    loss = loss + 0.5 * s.prox_mu * sum((p - a).pow(2).sum() for p, a in zip(params, prox_targets))
-                if not loss.requires_grad:
-                    continue  # nothing to anchor to in this batch
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-                steps += 1
+        total, steps = 0.0, 0
+        for idx, pick in _batches(shard, s, g):
+            img, txt = model.encode(images[idx] if has_img else None, captions[pick] if has_txt else None)
+            loss = info_nce(img, txt, s.temperature) if has_img and has_txt else img.new_zeros(()) \
+                if has_img else txt.new_zeros(())
+            if anchors is not None:
+                loss = loss + s.anchor_weight * anchor_loss(img, txt, slots[idx], anchors)
+            if s.clip_anchor > 0:
+                loss = loss + s.clip_anchor * clip_anchor_loss(img, images[idx], txt, captions[pick])
+            if prox_targets is not None:
+                loss = loss + 0.5 * s.prox_mu * sum((p - a).pow(2).sum() for p, a in zip(params, prox_targets))
+            if moon is not None:
+                loss = loss + s.moon_mu * moon_loss(img, txt, images[idx], captions[pick], *moon, s.moon_temperature)
+            if not loss.requires_grad:
+                continue  # nothing to anchor to in this batch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        if s.moon_mu > 0:
+            own["moon_prev"] = model.flat.detach().clone()
+        if s.personal:
+            self._train_personal(shard, s, g, own)
         return total / max(steps, 1), steps
+
+    def _moon_references(self, global_params: torch.Tensor, previous: torch.Tensor) -> tuple[AdapterPair, AdapterPair]:
+        """The global and the client's previous local adapters, frozen, for MOON's model-contrastive term."""
+        glob, prev = self.moon_models
+        glob.load_flat(global_params)
+        prev.load_flat(previous)
+        return glob, prev
+
+    def _train_personal(self, shard: ClientShard, s: ClientSettings, g: torch.Generator, own: dict) -> None:
+        """Train the client's personal adapters (on top of its shared ones) on local pairs; they stay here."""
+        if shard.modality != PAIRED:
+            return  # no contrastive signal: the personal adapters stay at identity
+        with torch.no_grad():
+            images = self.model.image(torch.from_numpy(shard.image_emb))
+            captions = self.model.text(torch.from_numpy(shard.caption_emb))
+        personal = self.personal_model
+        personal.load_flat(own.get("personal", self._personal_init(shard.client_id)))
+        opt = torch.optim.AdamW(personal.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        if "personal_opt" in own:
+            opt.load_state_dict(own["personal_opt"])
+        for idx, pick in _batches(shard, s, g):
+            loss = info_nce(personal.image(images[idx]), personal.text(captions[pick]), s.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        own["personal"] = personal.flat.detach().clone()
+        own["personal_opt"] = opt.state_dict()
+
+    def _personal_init(self, client: int) -> torch.Tensor:
+        dim, hidden = self.model.image.down.in_features, self.model.image.down.out_features
+        return initial_params(dim, hidden, 0.0, seed=client)
+
+    def evaluate_local(self, client: int, global_params: torch.Tensor) -> dict:
+        """R@1 on the client's personal test set, with the global adapters and, if it has them, its
+        personal ones. Only these numbers leave the client."""
+        if client not in self.test_shards:
+            self.test_shards[client] = self.federation.local_test_shard(client)
+        shard = self.test_shards[client]
+        personal = self.state.get(client, {}).get("personal")
+        return local_retrieval(self.model, global_params, shard,
+                               (self.personal_model, personal) if personal is not None else None)
 
     @torch.no_grad()
     def _prototypes(self, shard: ClientShard, slots, num_slots: int, has_img: bool, has_txt: bool) -> dict:
@@ -185,6 +234,47 @@ class ClientWorker:
         own["prev_delta"] = delta
         # The image share of the update norm stays bounded for unimodal clients, unlike a ratio.
         return torch.stack([norm, img_norm / (img_norm + txt_norm + 1e-12), cos, norm / n ** 0.5]).float()
+
+
+def _batches(shard: ClientShard, s: ClientSettings, g: torch.Generator):
+    """Local epochs of shuffled image batches, one random caption per image: (image idx, caption rows)."""
+    offsets = torch.from_numpy(shard.caption_offsets)
+    counts = offsets[1:] - offsets[:-1]
+    n = shard.num_images
+    for _ in range(s.local_epochs):
+        perm = torch.randperm(n, generator=g)
+        for b in range(0, n, s.batch_size):
+            idx = perm[b:b + s.batch_size]
+            if len(idx) < 2:
+                continue
+            yield idx, offsets[idx] + (torch.rand(len(idx), generator=g) * counts[idx]).long()
+
+
+def moon_loss(img, txt, img_in, txt_in, glob: AdapterPair, prev: AdapterPair, temperature: float) -> torch.Tensor:
+    """MOON: pull each adapted embedding toward the global model's and away from the previous local one's."""
+    terms = []
+    for z, x, side in ((img, img_in, "image"), (txt, txt_in, "text")):
+        if z is None:
+            continue
+        with torch.no_grad():
+            zg, zp = getattr(glob, side)(x), getattr(prev, side)(x)
+        logits = torch.stack([(z * zg).sum(-1), (z * zp).sum(-1)], dim=1) / temperature
+        terms.append(F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long)))
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def local_retrieval(model: AdapterPair, params: torch.Tensor, shard: ClientShard,
+                    personal: tuple[AdapterPair, torch.Tensor] | None = None) -> dict:
+    """Retrieval R@1 on one client's test shard under the shared adapters (and personal ones on top)."""
+    caption_image = np.repeat(np.arange(shard.num_images), np.diff(shard.caption_offsets))
+    img, txt = apply_adapters(model, params, torch.from_numpy(shard.image_emb), torch.from_numpy(shard.caption_emb))
+    m = evaluate(img, txt, caption_image)
+    out = {"global_i2t_r1": m["i2t_r1"], "global_t2i_r1": m["t2i_r1"]}
+    if personal is not None:
+        m = evaluate(*apply_adapters(personal[0], personal[1], img, txt), caption_image)
+        out["personal_i2t_r1"], out["personal_t2i_r1"] = m["i2t_r1"], m["t2i_r1"]
+    return out
 
 
 def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch.Tensor, protos: dict) -> torch.Tensor:

@@ -23,6 +23,7 @@ class RCSR(FedAvg):
     def __init__(self, cfg: Config, num_clients: int, num_clusters: int, dim: int):
         super().__init__(cfg)
         r = cfg.rcsr
+        self.personal = r.personal
         self.num_clusters = num_clusters
         self.prototypes = GlobalPrototypes(num_clusters, dim, r.proto_decay, r.granularity)
         self.q = torch.full((num_clients,), 1.0 / num_clients, dtype=torch.float64)
@@ -34,7 +35,7 @@ class RCSR(FedAvg):
         r = self.cfg.rcsr
         return ClientSettings.from_config(self.cfg, self.client_mode, prox_mu=r.prox_mu,
                                           anchor_weight=r.anchor_weight if r.anchoring else 0.0,
-                                          clip_anchor=r.clip_anchor,
+                                          clip_anchor=r.clip_anchor, personal=r.personal,
                                           report_prototypes=True, num_clusters=self.num_clusters)
 
     def broadcast(self, round_idx: int, params: torch.Tensor) -> GlobalState:

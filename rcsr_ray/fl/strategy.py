@@ -29,6 +29,7 @@ class FedAvg:
     name = "fedavg"
     client_mode = "global"
     trains = True
+    personal = False  # clients keep personal adapters (evaluated on the clients, never sent)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -86,6 +87,27 @@ class FedProx(FedAvg):
         return ClientSettings.from_config(self.cfg, self.client_mode, prox_mu=self.cfg.fed.prox_mu)
 
 
+class Moon(FedAvg):
+    """FedAvg plus MOON's model-contrastive term against the global and the previous local model."""
+
+    name = "moon"
+
+    def client_settings(self, round_idx: int) -> ClientSettings:
+        f = self.cfg.fed
+        return ClientSettings.from_config(self.cfg, self.client_mode, moon_mu=f.moon_mu,
+                                          moon_temperature=f.moon_temperature)
+
+
+class FedPer(FedAvg):
+    """Shared adapters federated as in FedAvg; personal adapters on top, trained and kept on each client."""
+
+    name = "fedper"
+    personal = True
+
+    def client_settings(self, round_idx: int) -> ClientSettings:
+        return ClientSettings.from_config(self.cfg, self.client_mode, personal=True)
+
+
 class Local(FedAvg):
     """Each client trains alone from its own adapters; nothing is aggregated."""
 
@@ -117,7 +139,7 @@ class ZeroShot(FedAvg):
     trains = False
 
 
-STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Local, Central, ZeroShot)}
+STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Moon, FedPer, Local, Central, ZeroShot)}
 
 
 def make_strategy(cfg: Config, num_clients: int, num_clusters: int, dim: int):

@@ -16,6 +16,9 @@ class LocalBackend:
               round_idx: int) -> list[ClientUpdate]:
         return [self.worker.update(int(c), state, settings, seed, round_idx) for c in clients]
 
+    def evaluate_local(self, params, clients) -> list[dict]:
+        return [self.worker.evaluate_local(int(c), params) for c in clients]
+
     def shutdown(self) -> None:
         pass
 

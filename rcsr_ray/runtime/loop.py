@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from rcsr_ray.config import Config
 from rcsr_ray.data.federation import PooledFederation, build_federation, open_store
 from rcsr_ray.data.store import FeatureStore
+from rcsr_ray.eval.personal import summarize_clients
 from rcsr_ray.eval.retrieval import evaluate
+from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
 from rcsr_ray.runtime import rundir
@@ -57,6 +60,7 @@ class RunResult:
     metrics: list[dict]
     params: torch.Tensor
     out_dir: Path | None
+    clients: pd.DataFrame  # per-client personalized retrieval
 
 
 def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: bool = True) -> RunResult:
@@ -74,8 +78,8 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress, dynamic_ncols=True)
     try:
         for r in bar:
-            clients = strategy.sample(r, train_fed.num_clients)
-            updates = backend.train(strategy.broadcast(r, params), clients, strategy.client_settings(r), cfg.seed, r)
+            sampled = strategy.sample(r, train_fed.num_clients)
+            updates = backend.train(strategy.broadcast(r, params), sampled, strategy.client_settings(r), cfg.seed, r)
             params, agg = strategy.aggregate(r, params, updates)
             if r % cfg.eval.every == 0 or r == rounds:
                 if strategy.name == "local":
@@ -85,6 +89,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                     metrics = evaluator(params)
                 rows.append({"round": r, "seconds": time.perf_counter() - t0, **agg, **metrics})
                 bar.set_postfix(mean_r1=f"{metrics['mean_r1']:.1f}", loss=f"{agg['train_loss']:.3f}")
+        clients = personalized_eval(federation, strategy, evaluator.model, params, backend)
     finally:
         if backend is not None:
             backend.shutdown()
@@ -94,8 +99,27 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                    backend=cfg.runtime.backend, preset=cfg.preset, seed=cfg.seed,
                    rejected_updates=strategy.rejected_total,
                    zeroshot={k: zeroshot[k] for k in (*METRIC_KEYS, "mean_r1")})
+    summary.update(summarize_clients(clients))
     out = None
     if out_dir is not None:
-        out = rundir.write_run(Path(out_dir), cfg, rows, summary, params, federation,
+        out = rundir.write_run(Path(out_dir), cfg, rows, summary, params, federation, clients,
                                getattr(strategy, "diagnostics", None))
-    return RunResult(summary, rows, params, out)
+    return RunResult(summary, rows, params, out, clients)
+
+
+def personalized_eval(federation, strategy, model, params: torch.Tensor, backend) -> pd.DataFrame:
+    """Per client, R@1 on its personal test set with the adapters the method gives it: its personal
+    ones (evaluated on the client, where they live), its own (local), else the global ones."""
+    ids = range(federation.num_clients)
+    if strategy.personal:
+        results = backend.evaluate_local(params, list(ids))
+    else:
+        own = getattr(strategy, "client_params", {})
+        results = [local_retrieval(model, own.get(c, params), federation.local_test_shard(c)) for c in ids]
+    rows = []
+    for c, m in zip(ids, results):
+        prefix = "personal" if "personal_i2t_r1" in m else "global"
+        rows.append({"client": c, "modality": federation.partition.modality_name(c),
+                     "samples": len(federation.partition.client_indices[c]),
+                     "i2t_r1": m[f"{prefix}_i2t_r1"], "t2i_r1": m[f"{prefix}_t2i_r1"], **m})
+    return pd.DataFrame(rows)

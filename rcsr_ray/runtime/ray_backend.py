@@ -42,6 +42,9 @@ class ClientActor:
               round_idx: int) -> list[ClientUpdate]:
         return [self.worker.update(c, state, settings, seed, round_idx) for c in clients]
 
+    def evaluate_local(self, params: torch.Tensor, clients: list[int]) -> list[dict]:
+        return [self.worker.evaluate_local(c, params) for c in clients]
+
 
 def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clients_per_actor: int | None) -> int:
     """Clients per actor: as asked, else one per actor while the cluster's CPUs allow, else packed."""
@@ -69,13 +72,24 @@ class RayBackend:
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int) -> list[ClientUpdate]:
         state_ref = ray.put(state)
-        by_actor: dict[int, list[int]] = {}
-        for c in clients:
-            by_actor.setdefault(int(c) // self.per_actor, []).append(int(c))
         futures = [self.actors[a].train.remote(state_ref, cs, settings, seed, round_idx)
-                   for a, cs in sorted(by_actor.items())]
+                   for a, cs in self._by_actor(clients)]
         updates = [u for batch in ray.get(futures) for u in batch]
         return sorted(updates, key=lambda u: u.client_id)
+
+    def evaluate_local(self, params: torch.Tensor, clients) -> list[dict]:
+        """Personal retrieval, evaluated where the personal adapters live; results in the order given."""
+        params_ref = ray.put(params)
+        groups = self._by_actor(clients)
+        results = ray.get([self.actors[a].evaluate_local.remote(params_ref, cs) for a, cs in groups])
+        by_client = {c: m for (_, cs), ms in zip(groups, results) for c, m in zip(cs, ms)}
+        return [by_client[int(c)] for c in clients]
+
+    def _by_actor(self, clients) -> list[tuple[int, list[int]]]:
+        groups: dict[int, list[int]] = {}
+        for c in clients:
+            groups.setdefault(int(c) // self.per_actor, []).append(int(c))
+        return sorted(groups.items())
 
     def shutdown(self) -> None:
         for a in self.actors:

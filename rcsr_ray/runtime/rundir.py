@@ -12,13 +12,14 @@ from rcsr_ray.data.partition import summary_frame
 
 
 def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation,
-              router_rows: list[dict] | None = None) -> Path:
+              clients: pd.DataFrame, router_rows: list[dict] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "metrics.csv", index=False)
     frame.to_parquet(out / "metrics.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    clients.to_csv(out / "clients.csv", index=False)
     if router_rows:
         pd.DataFrame(router_rows).to_csv(out / "router.csv", index=False)
     summary_frame(federation.partition).to_csv(out / "partition.csv", index=False)

@@ -1,0 +1,117 @@
+"""Baselines (MOON, FedPer), personal adapters, personalized evaluation, and `rcsr-ray compare`."""
+import math
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rcsr_ray.cli import main
+from rcsr_ray.data.federation import build_federation
+from rcsr_ray.data.partition import PAIRED
+from rcsr_ray.eval.personal import summarize_clients
+from rcsr_ray.fl.client import ClientSettings, ClientWorker, GlobalState, moon_loss
+from rcsr_ray.fl.strategy import make_strategy
+from rcsr_ray.models.adapters import AdapterPair
+from rcsr_ray.runtime.loop import run_simulation
+from tests.conftest import SMALL
+
+
+def _worker(small_config, **over):
+    cfg = small_config(**over)
+    fed = build_federation(cfg)
+    return cfg, fed, ClientWorker(fed, cfg.model.adapter.bottleneck)
+
+
+def test_personal_parameters_never_sent_and_differ_across_clients(small_config):
+    cfg, fed, worker = _worker(small_config, **{"fed.method": "fedper"})
+    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    plain = ClientWorker(fed, cfg.model.adapter.bottleneck)
+    params = worker.model.flat.clone()
+    paired = np.flatnonzero(fed.partition.modality == PAIRED)
+    for c in paired:
+        sent = worker.update(int(c), GlobalState(params), strategy.client_settings(1), 0, 1)
+        fedavg = plain.update(int(c), GlobalState(params), ClientSettings.from_config(cfg), 0, 1)
+        # What the client sends is exactly FedAvg's update: no personal parameter is in it or behind it.
+        assert torch.equal(sent.delta, fedavg.delta) and sent.params is None
+        personal = worker.state[int(c)]["personal"]
+        blob = pickle.dumps(sent)
+        assert personal.numpy().tobytes()[:4096] not in blob
+    personals = [worker.state[int(c)]["personal"] for c in paired]
+    assert all(not torch.equal(personals[0], p) for p in personals[1:])
+    start = AdapterPair(fed.store.dim, cfg.model.adapter.bottleneck, seed=int(paired[0])).flat
+    assert not torch.equal(personals[0], start)  # trained
+
+
+def test_moon_term_and_update(small_config):
+    dim = 8
+    glob, prev = AdapterPair(dim, 4, init_scale=0.5, seed=1), AdapterPair(dim, 4, init_scale=0.5, seed=2)
+    x = torch.nn.functional.normalize(torch.randn(5, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with torch.no_grad():
+        zg, zp = glob.image(x), prev.image(x)
+    near_global = moon_loss(zg, None, x, None, glob, prev, 0.5)
+    near_prev = moon_loss(zp, None, x, None, glob, prev, 0.5)
+    assert near_global < near_prev
+    # Hand computation for z = zg: -log(e^{1/t} / (e^{1/t} + e^{cos(zg,zp)/t})).
+    cos = (zg * zp).sum(-1)
+    expected = torch.log1p(torch.exp((cos - 1) / 0.5)).mean()
+    assert torch.allclose(near_global, expected, atol=1e-6)
+
+    cfg, fed, worker = _worker(small_config)
+    c = int(np.flatnonzero(fed.partition.modality == PAIRED)[0])
+    params = worker.model.flat.clone()
+    moon = ClientSettings.from_config(cfg, moon_mu=1.0)
+    a = worker.update(c, GlobalState(params), ClientSettings.from_config(cfg), 0, 1)
+    # First participation: the previous local model is the global one, the term is constant (FedAvg).
+    first = worker.update(c, GlobalState(params), moon, 0, 1)
+    assert torch.equal(a.delta, first.delta)
+    assert torch.allclose(worker.state[c]["moon_prev"], params + first.delta, atol=1e-6)
+    # Later, with a previous local model that differs from the global one, the term acts.
+    b = worker.update(c, GlobalState(params), moon, 0, 1)
+    assert not torch.equal(a.delta, b.delta)
+
+
+def test_summarize_clients_by_hand():
+    frame = pd.DataFrame({"modality": ["paired", "paired", "image-only", "text-only"] + ["paired"] * 7,
+                          "i2t_r1": [80, 60, 40, 20] + [100] * 7, "t2i_r1": [60, 40, 20, 0] + [100] * 7})
+    s = summarize_clients(frame)
+    r1 = np.array([70, 50, 30, 10] + [100] * 7, float)
+    assert s["pers_mean_r1"] == pytest.approx(r1.mean())
+    assert s["pers_std_r1"] == pytest.approx(r1.std())
+    assert s["pers_mean_r1_paired"] == pytest.approx(np.r_[70, 50, [100] * 7].mean())
+    assert s["pers_mean_r1_image_only"] == 30 and s["pers_mean_r1_text_only"] == 10
+    assert s["pers_worst10_r1"] == pytest.approx(20.0)  # 10% of 11 clients -> the worst 2: 10 and 30
+    assert math.isnan(summarize_clients(frame[frame["modality"] == "paired"])["pers_mean_r1_text_only"])
+
+
+def test_personalized_eval_reports_per_client(small_config, tmp_path):
+    cfg = small_config(**{"fed.method": "fedper", "partition.missing_rate": 0.5, "fed.participation": 1.0})
+    result = run_simulation(cfg, tmp_path / "run", progress=False)
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv")
+    assert len(clients) == 6 and set(clients["modality"]) == {"paired", "image-only", "text-only"}
+    paired = clients[clients["modality"] == "paired"]
+    assert paired["personal_i2t_r1"].notna().all() and clients.loc[clients["modality"] != "paired",
+                                                                    "personal_i2t_r1"].isna().all()
+    assert (paired["i2t_r1"] == paired["personal_i2t_r1"]).all()
+    assert result.summary["pers_mean_r1"] == pytest.approx(((clients["i2t_r1"] + clients["t2i_r1"]) / 2).mean())
+
+
+def test_compare_command(tmp_path, cache_dir, capsys):
+    keys = {**SMALL, "data.cache_dir": cache_dir, "runtime.backend": "local", "fed.rounds": 2}
+    out = tmp_path / "cmp"
+    code = main(["compare", "--quiet", "--preset", "S4", "--methods", "fedavg,moon,zeroshot", "--seeds", "0,1",
+                 "--out", str(out), *[f"{k}={v}" for k, v in keys.items()]])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "±" in printed and "moon" in printed and "image-only" in printed
+    frame = pd.read_csv(out / "compare.csv")
+    assert sorted(zip(frame["method"], frame["seed"])) == sorted(
+        (m, s) for m in ("fedavg", "moon", "zeroshot") for s in (0, 1))
+    assert {"mean_r1", "pers_mean_r1", "pers_worst10_r1", "pers_std_r1"} <= set(frame.columns)
+    # Same partition for every method of a seed.
+    a = pd.read_csv(out / "fedavg-seed1" / "partition.csv")
+    assert a.equals(pd.read_csv(out / "moon-seed1" / "partition.csv"))
+    assert not a.equals(pd.read_csv(out / "fedavg-seed0" / "partition.csv"))
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert main(["compare", "--methods", "fedavg,nope", *[f"{k}={v}" for k, v in keys.items()]]) == 2
