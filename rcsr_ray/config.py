@@ -107,6 +107,7 @@ class RCSRConfig:
     personal: bool = False  # client-owned personal adapters for each client's own retrieval (optional)
     granularity: str = "cluster"  # prototypes per semantic cluster, or "global" (one per modality, authors' code)
     anchor_weight: float = 0.5  # weight of the anchoring term (METHOD.md leaves it open)
+    anchor_mode: str = "instance"  # instance: pull each embedding (METHOD.md); centroid: pull each cluster's batch mean
     clip_anchor: float = 0.0  # weight of the optional CLIP anchor (adapted embeddings stay near the frozen ones)
     prox_mu: float = 0.01  # proximal term toward the global adapters
     proto_decay: float = 0.95  # EMA decay of the global prototypes and alignment direction
@@ -221,6 +222,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "fed.moon_temperature": (_positive, "a number > 0"),
     "rcsr.granularity": (lambda v: v in ("cluster", "global"), "one of cluster, global"),
     "rcsr.anchor_weight": (_nonneg, "a number >= 0"),
+    "rcsr.anchor_mode": (lambda v: v in ("instance", "centroid"), "one of instance, centroid"),
     "rcsr.prox_mu": (_nonneg, "a number >= 0"),
     "rcsr.clip_anchor": (_nonneg, "a number >= 0"),
     "rcsr.proto_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

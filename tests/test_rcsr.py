@@ -129,3 +129,35 @@ def test_rcsr_run_writes_router_diagnostics(small_config, tmp_path):
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert {"weight_entropy", "router_loss", "prototype_coherence"} <= set(metrics.columns)
     assert result.summary["method"] == "rcsr" and math.isfinite(result.summary["mean_r1"])
+
+
+def test_centroid_anchoring_moves_clusters_without_collapsing_them(small_config):
+    cfg, fed, strategy, worker = _setup(small_config)
+    shard = fed.shard(0)
+    image_only = shard.__class__(**{**shard.__dict__, "modality": 1})
+    d, k = fed.store.dim, fed.partition.num_clusters
+    g = torch.Generator().manual_seed(0)
+    protos = {"image": torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=-1),
+              "text": torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=-1),
+              "seen": torch.ones(k, 2, dtype=torch.bool)}
+    slots = torch.from_numpy(shard.clusters)
+    params = worker.model.flat.clone()
+    x = torch.from_numpy(shard.image_emb)
+
+    def measure():
+        with torch.no_grad():
+            emb = worker.model.image(x)
+        centroid = float(anchor_loss(emb, None, slots, protos, "centroid"))
+        spread = float(1 - (emb @ emb.T).mean())  # how far apart the client's embeddings stay
+        return centroid, spread
+
+    worker.model.load_flat(params)
+    c0, s0 = measure()
+    result = {}
+    for mode in ("instance", "centroid"):
+        settings = ClientSettings(3, 32, 1e-2, 0.0, 0.07, anchor_weight=1.0, anchor_mode=mode)
+        worker._train(params, params, image_only, slots, protos, settings, 0, {})
+        result[mode] = measure()
+    assert result["centroid"][0] < c0 - 0.05  # clusters moved toward their targets
+    assert result["centroid"][1] > result["instance"][1]  # instances kept apart better
+    assert result["instance"][1] < s0

@@ -30,6 +30,7 @@ class ClientSettings:
     # client's own adapters kept on the worker and send back those (the local-only baseline).
     mode: str = "global"
     anchor_weight: float = 0.0  # prototype anchoring (RCSR); 0 = off
+    anchor_mode: str = "instance"  # instance | centroid (see anchor_loss)
     clip_anchor: float = 0.0  # keep adapted embeddings near the frozen ones (RCSR's optional CLIP anchor)
     personal: bool = False  # train client-owned personal adapters (FedPer, RCSR option); never sent
     moon_mu: float = 0.0  # MOON's model-contrastive term; 0 = off
@@ -148,7 +149,7 @@ class ClientWorker:
             loss = info_nce(img, txt, s.temperature) if has_img and has_txt else img.new_zeros(()) \
                 if has_img else txt.new_zeros(())
             if anchors is not None:
-                loss = loss + s.anchor_weight * anchor_loss(img, txt, slots[idx], anchors)
+                loss = loss + s.anchor_weight * anchor_loss(img, txt, slots[idx], anchors, s.anchor_mode)
             if s.clip_anchor > 0:
                 loss = loss + s.clip_anchor * clip_anchor_loss(img, images[idx], txt, captions[pick])
             if prox_targets is not None:
@@ -277,16 +278,30 @@ def local_retrieval(model: AdapterPair, params: torch.Tensor, shard: ClientShard
     return out
 
 
-def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch.Tensor, protos: dict) -> torch.Tensor:
-    """Mean (1 - cos) of adapted embeddings to the other modality's global prototype of their cluster."""
+def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch.Tensor, protos: dict,
+                mode: str = "instance") -> torch.Tensor:
+    """(1 - cos) to the other modality's global prototype of the same cluster.
+
+    mode "instance": every adapted embedding is pulled (METHOD.md as written; collapses instances
+    toward the cluster mean). "centroid": the batch's per-cluster mean embedding is pulled, which
+    moves clusters into place without squeezing the instances inside them.
+    """
     terms = []
     for emb, target, col in ((img, "text", 1), (txt, "image", 0)):
         if emb is None:
             continue
         seen = protos["seen"][slots, col]
-        if seen.any():
-            goal = F.normalize(protos[target][slots[seen]], dim=-1)
-            terms.append((1 - (emb[seen] * goal).sum(-1)).mean())
+        if not seen.any():
+            continue
+        emb, where = emb[seen], slots[seen]
+        if mode == "centroid":
+            where, inverse, counts = torch.unique(where, return_inverse=True, return_counts=True)
+            means = torch.zeros(len(where), emb.shape[1]).index_add(0, inverse, emb)
+            cos = F.cosine_similarity(means, protos[target][where], dim=-1)
+            terms.append(((1 - cos) * counts).sum() / counts.sum())
+        else:
+            goal = F.normalize(protos[target][where], dim=-1)
+            terms.append((1 - (emb * goal).sum(-1)).mean())
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 

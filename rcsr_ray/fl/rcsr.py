@@ -35,7 +35,7 @@ class RCSR(FedAvg):
         r = self.cfg.rcsr
         return ClientSettings.from_config(self.cfg, self.client_mode, prox_mu=r.prox_mu,
                                           anchor_weight=r.anchor_weight if r.anchoring else 0.0,
-                                          clip_anchor=r.clip_anchor, personal=r.personal,
+                                          anchor_mode=r.anchor_mode, clip_anchor=r.clip_anchor, personal=r.personal,
                                           report_prototypes=True, num_clusters=self.num_clusters)
 
     def broadcast(self, round_idx: int, params: torch.Tensor) -> GlobalState:
