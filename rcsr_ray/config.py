@@ -138,6 +138,11 @@ class RuntimeConfig:
     client_cpus: float = 1.0  # CPUs reserved per client actor
     clients_per_actor: int | None = None  # null = auto: one per actor while CPUs allow, else packed
     torch_threads: int = 1  # intra-op threads per client update (keeps results identical across backends)
+    round_timeout_s: float | None = None  # clients not done by then are dropped from the round (Ray backend)
+    max_restarts: int = 3  # Ray restarts of a client actor that died or was killed for a timeout
+    round_retries: int = 2  # a round where every client failed is retried this often, never aggregated
+    checkpoint_every: int = 10  # rounds between checkpoints in the run folder (resume with the same --out)
+    faults: str = ""  # testing: inject faults, "kind@round:client,..." with kind raise | die | hang
 
 
 @dataclass
@@ -167,6 +172,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "S4"
 
 METHODS = ("rcsr", "fedavg", "fedprox", "moon", "fedper", "zeroshot", "local", "central")
+
+
+FAULT_KINDS = ("raise", "die", "hang")
+
+
+def parse_faults(spec: str) -> dict[tuple[int, int], str]:
+    """runtime.faults: "die@2:3,raise@4:1" -> {(2, 3): "die", (4, 1): "raise"}; ValueError if malformed."""
+    plan = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        try:
+            kind, where = item.split("@")
+            round_idx, client = (int(x) for x in where.split(":"))
+        except ValueError:
+            raise ValueError(f"fault {item!r}: expected kind@round:client") from None
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault {item!r}: kind must be one of {', '.join(FAULT_KINDS)}")
+        plan[(round_idx, client)] = kind
+    return plan
+
+
+def _valid_faults(v) -> bool:
+    try:
+        parse_faults(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _positive(v):
@@ -240,6 +271,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "runtime.client_cpus": (_positive, "a number > 0"),
     "runtime.clients_per_actor": (lambda v: v is None or v > 0, "a positive integer or null (auto)"),
     "runtime.torch_threads": (_positive, "a positive integer"),
+    "runtime.round_timeout_s": (lambda v: v is None or v > 0, "a number of seconds > 0, or null"),
+    "runtime.max_restarts": (lambda v: v >= -1, "an integer >= -1 (-1: unlimited)"),
+    "runtime.round_retries": (_nonneg, "an integer >= 0"),
+    "runtime.checkpoint_every": (_positive, "a positive integer"),
+    "runtime.faults": (_valid_faults, "kind@round:client items, comma-separated, kind raise | die | hang"),
 }
 
 

@@ -46,7 +46,9 @@ def ray_session():
     """One local Ray instance for all tests that need it, bound to 127.0.0.1, 2 CPUs."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
+    # The dashboard serves the state API (actor listings); bound to loopback.
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False,
              log_to_driver=False)
     yield ray
     ray.shutdown()

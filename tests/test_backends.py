@@ -42,7 +42,9 @@ def test_unimodal_clients_sit_out_fedavg(small_config):
     strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
     backend = LocalBackend(fed, cfg)
     params = torch.zeros(backend.worker.model.flat.numel())
-    updates = backend.train(GlobalState(params), np.arange(fed.num_clients), strategy.client_settings(1), cfg.seed, 1)
+    updates, failed = backend.train(GlobalState(params), np.arange(fed.num_clients), strategy.client_settings(1),
+                                    cfg.seed, 1)
+    assert failed == []
     trained = {u.client_id for u in updates if u.delta is not None}
     paired = set(np.flatnonzero(fed.partition.modality == 0).tolist())
     assert trained == paired and len(paired) == 3

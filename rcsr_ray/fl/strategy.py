@@ -5,6 +5,7 @@ Client results always arrive sorted by client id, so aggregation never depends o
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -60,6 +61,13 @@ class FedAvg:
     def weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
         n = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
         return n / n.sum()
+
+    def state_dict(self) -> dict:
+        """Everything the strategy carries across rounds (checkpoints), as a deep copy."""
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "cfg"})
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(copy.deepcopy(state))
 
     def round_metrics(self, ok: list[ClientUpdate]) -> dict:
         return {"trained_clients": len(ok), "rejected_updates": self.rejected_total,

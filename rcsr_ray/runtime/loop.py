@@ -22,7 +22,7 @@ from rcsr_ray.eval.retrieval import evaluate
 from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
-from rcsr_ray.runtime import rundir
+from rcsr_ray.runtime import checkpoint, rundir
 from rcsr_ray.runtime.backends import make_backend
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,13 @@ class RunResult:
     clients: pd.DataFrame  # per-client personalized retrieval
 
 
-def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: bool = True) -> RunResult:
+class StopAfter(Exception):
+    """Raised by `run_simulation(stop_after=k)` once round k is done and checkpointed (tests of resume)."""
+
+
+def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: bool = True,
+                   stop_after: int | None = None) -> RunResult:
+    """One simulation. With `out_dir` holding a checkpoint of the same config, it resumes from there."""
     t0 = time.perf_counter()
     store = open_store(cfg)
     federation = build_federation(cfg, store)
@@ -74,13 +80,34 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     zeroshot = evaluator(params)
     rounds = cfg.fed.rounds if strategy.trains else 0
     rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
+    counts = {"completed_client_rounds": 0, "dropped_client_rounds": 0}
     backend = make_backend(train_fed, cfg) if rounds else None
-    bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress, dynamic_ncols=True)
+    start = 1
+    ckpt = checkpoint.load(out_dir, cfg) if out_dir is not None and rounds else None
+    if ckpt is not None:
+        params, rows, counts = ckpt["params"], ckpt["rows"], ckpt["counts"]
+        strategy.load_state_dict(ckpt["strategy"])
+        backend.load_client_state(ckpt["clients"])
+        start = ckpt["round"] + 1
+        log.warning("resuming %s from round %d", out_dir, ckpt["round"])
+    bar = tqdm(range(start, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress,
+               dynamic_ncols=True, initial=start - 1, total=rounds)
     try:
         for r in bar:
             sampled = strategy.sample(r, train_fed.num_clients)
-            updates = backend.train(strategy.broadcast(r, params), sampled, strategy.client_settings(r), cfg.seed, r)
-            params, agg = strategy.aggregate(r, params, updates)
+            state, settings = strategy.broadcast(r, params), strategy.client_settings(r)
+            for attempt in range(cfg.runtime.round_retries + 1):
+                updates, failed = backend.train(state, sampled, settings, cfg.seed, r, attempt)
+                counts["dropped_client_rounds"] += len(failed)
+                if updates:
+                    break
+                log.warning("round %d: every client failed (attempt %d)", r, attempt + 1)
+            counts["completed_client_rounds"] += len(updates)
+            if updates:
+                params, agg = strategy.aggregate(r, params, updates)
+            else:
+                agg = strategy.round_metrics([])
+            agg["dropped_clients"] = len(failed)
             if r % cfg.eval.every == 0 or r == rounds:
                 if strategy.name == "local":
                     own = strategy.client_params
@@ -89,6 +116,11 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                     metrics = evaluator(params)
                 rows.append({"round": r, "seconds": time.perf_counter() - t0, **agg, **metrics})
                 bar.set_postfix(mean_r1=f"{metrics['mean_r1']:.1f}", loss=f"{agg['train_loss']:.3f}")
+            if out_dir is not None and (r % cfg.runtime.checkpoint_every == 0 or r in (stop_after, rounds)):
+                checkpoint.save(out_dir, cfg, r, params, rows, counts, strategy.state_dict(),
+                                backend.client_state())
+            if r == stop_after:
+                raise StopAfter(r)
         clients = personalized_eval(federation, strategy, evaluator.model, params, backend)
     finally:
         if backend is not None:
@@ -97,7 +129,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     summary = {k: final[k] for k in (*METRIC_KEYS, "mean_r1")}
     summary.update(method=strategy.name, rounds=rounds, seconds=time.perf_counter() - t0,
                    backend=cfg.runtime.backend, preset=cfg.preset, seed=cfg.seed,
-                   rejected_updates=strategy.rejected_total,
+                   rejected_updates=strategy.rejected_total, **counts,
                    zeroshot={k: zeroshot[k] for k in (*METRIC_KEYS, "mean_r1")})
     summary.update(summarize_clients(clients))
     out = None

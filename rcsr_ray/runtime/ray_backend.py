@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import ray
 import torch
 
-from rcsr_ray.config import Config
+from rcsr_ray.config import Config, parse_faults
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
+from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,26 @@ def ensure_ray(cfg: Config) -> None:
 
 @ray.remote
 class ClientActor:
-    def __init__(self, federation, bottleneck: int, torch_threads: int):
+    def __init__(self, federation, bottleneck: int, torch_threads: int, faults: str):
         torch.set_num_threads(torch_threads)
         self.worker = ClientWorker(federation, bottleneck, torch_threads)
+        self.faults = parse_faults(faults)
 
     def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
-              round_idx: int) -> list[ClientUpdate]:
-        return [self.worker.update(c, state, settings, seed, round_idx) for c in clients]
+              round_idx: int, attempt: int):
+        return run_clients(self.worker, clients, state, settings, seed, round_idx, attempt, self.faults,
+                           in_process=False)
+
+    def ready(self) -> bool:
+        return True
+
+    def client_state(self, clients: list[int]) -> dict[int, dict]:
+        return {c: self.worker.state[c] for c in clients if c in self.worker.state}
+
+    def load_client_state(self, states: dict[int, dict]) -> None:
+        for c, s in states.items():
+            self.worker.shard(c)
+            self.worker.state[c] = s
 
     def evaluate_local(self, params: torch.Tensor, clients: list[int]) -> list[dict]:
         return [self.worker.evaluate_local(c, params) for c in clients]
@@ -66,16 +81,67 @@ class RayBackend:
         for first in range(0, n, self.per_actor):
             last = min(first + self.per_actor, n) - 1
             name = f"rcsr-client-{first}" if first == last else f"rcsr-clients-{first}-{last}"
-            self.actors.append(ClientActor.options(name=name, num_cpus=rt.client_cpus).remote(
-                federation, cfg.model.adapter.bottleneck, rt.torch_threads))
+            # A restarted actor comes back empty and reloads its clients' shards on first use.
+            self.actors.append(ClientActor.options(name=name, num_cpus=rt.client_cpus,
+                                                   max_restarts=rt.max_restarts, max_task_retries=0).remote(
+                federation, cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults))
+        self.timeout = rt.round_timeout_s
+        self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
-              round_idx: int) -> list[ClientUpdate]:
+              round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
+        """Updates of the clients that finished in time; an actor that died or ran past the round
+        timeout loses its clients for this round (and is killed so that Ray restarts it)."""
+        self._await_restarts()
         state_ref = ray.put(state)
-        futures = [self.actors[a].train.remote(state_ref, cs, settings, seed, round_idx)
-                   for a, cs in self._by_actor(clients)]
-        updates = [u for batch in ray.get(futures) for u in batch]
-        return sorted(updates, key=lambda u: u.client_id)
+        pending = {self.actors[a].train.remote(state_ref, cs, settings, seed, round_idx, attempt): (a, cs)
+                   for a, cs in self._by_actor(clients)}
+        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.timeout)
+        results = []
+        for ref in ready:
+            try:
+                results.extend(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                log.warning("actor for clients %s failed in round %d: %s", pending[ref][1], round_idx,
+                            type(exc).__name__)
+                results.extend(ClientFailure(c, type(exc).__name__) for c in pending[ref][1])
+                self.restarting.add(pending[ref][0])
+        for ref in late:
+            actor, cs = pending[ref]
+            log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
+            ray.kill(self.actors[actor], no_restart=False)
+            self.restarting.add(actor)
+            results.extend(ClientFailure(c, "timeout") for c in cs)
+        updates, failed = split_results(results)
+        return sorted(updates, key=lambda u: u.client_id), sorted(failed)
+
+    def _await_restarts(self, limit_s: float = 120.0) -> None:
+        """Wait until actors that failed last round are back (a call to a restarting actor fails)."""
+        deadline = time.monotonic() + limit_s
+        for a in sorted(self.restarting):
+            while True:
+                try:
+                    ray.get(self.actors[a].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.ActorDiedError:
+                    log.warning("actor %d is gone for good (max_restarts reached)", a)
+                    break
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+        self.restarting.clear()
+
+    def client_state(self) -> dict[int, dict]:
+        states = ray.get([a.client_state.remote(list(range(i * self.per_actor, (i + 1) * self.per_actor)))
+                          for i, a in enumerate(self.actors)])
+        return {c: s for part in states for c, s in part.items()}
+
+    def load_client_state(self, states: dict[int, dict]) -> None:
+        groups: dict[int, dict] = {}
+        for c, s in states.items():
+            groups.setdefault(c // self.per_actor, {})[c] = s
+        ray.get([self.actors[a].load_client_state.remote(g) for a, g in groups.items()])
 
     def evaluate_local(self, params: torch.Tensor, clients) -> list[dict]:
         """Personal retrieval, evaluated where the personal adapters live; results in the order given."""

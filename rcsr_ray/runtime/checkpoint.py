@@ -1,0 +1,51 @@
+"""Checkpoints in the run folder: everything a run needs to continue bit-identically.
+
+Global adapters, strategy state (router, minimax weights, prototypes, ...), metrics so far,
+counters and every client's private state (personal adapters, optimizer state, previous
+updates). Client randomness derives from (seed, round, client id), so no RNG state is needed
+beyond what the strategy holds. Written atomically; a checkpoint of another config is ignored.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from rcsr_ray.config import Config
+
+log = logging.getLogger(__name__)
+NAME = "checkpoint.pt"
+# Keys that may differ between the interrupted and the resumed invocation.
+_FREE = ("runtime.backend", "runtime.num_cpus", "runtime.address", "runtime.clients_per_actor",
+         "runtime.client_cpus", "runtime.faults", "runtime.round_timeout_s")
+
+
+def _identity(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    for key in _FREE:
+        section, name = key.split(".")
+        d[section].pop(name, None)
+    return d
+
+
+def save(out_dir, cfg: Config, round_idx: int, params, rows, counts, strategy_state, client_state) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{NAME}.tmp"
+    torch.save({"config": _identity(cfg), "round": round_idx, "params": params, "rows": rows,
+                "counts": counts, "strategy": strategy_state, "clients": client_state}, tmp)
+    os.replace(tmp, out / NAME)
+    return out / NAME
+
+
+def load(out_dir, cfg: Config) -> dict | None:
+    path = Path(out_dir) / NAME
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, weights_only=False)  # our own file: it holds optimizer and router objects
+    if ckpt["config"] != _identity(cfg):
+        log.warning("%s was written by another config; starting afresh", path)
+        return None
+    return ckpt

@@ -1,0 +1,97 @@
+"""Runtime: dropped clients, retried rounds, resume from a checkpoint, actor names, killed actors."""
+import threading
+import time
+
+import pytest
+import torch
+
+from rcsr_ray.runtime.loop import StopAfter, run_simulation
+
+ALL = {"fed.participation": 1.0}
+
+
+def _drop_seconds(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_failing_client_is_dropped_and_counted(small_config):
+    clean = run_simulation(small_config(**ALL), progress=False)
+    faulty = run_simulation(small_config(**ALL, **{"runtime.faults": "raise@2:3,raise@3:0"}), progress=False)
+    s = faulty.summary
+    assert s["dropped_client_rounds"] == 2 and s["completed_client_rounds"] == 3 * 6 - 2
+    assert clean.summary["dropped_client_rounds"] == 0
+    assert [r.get("dropped_clients") for r in faulty.metrics[1:]] == [0, 1, 1]
+    assert not torch.equal(clean.params, faulty.params) and torch.isfinite(faulty.params).all()
+
+
+def test_round_where_every_client_failed_is_retried_not_aggregated(small_config):
+    clean = run_simulation(small_config(**ALL), progress=False)
+    every = ",".join(f"raise@2:{c}" for c in range(6))
+    retried = run_simulation(small_config(**ALL, **{"runtime.faults": every}), progress=False)
+    # The failed attempt left no trace: the retry reproduces the clean round exactly.
+    assert torch.equal(clean.params, retried.params)
+    assert retried.summary["dropped_client_rounds"] == 6
+    assert retried.summary["completed_client_rounds"] == clean.summary["completed_client_rounds"]
+
+
+@pytest.mark.parametrize("method", ["rcsr", "fedper", "moon"])
+def test_resume_is_bit_identical(small_config, tmp_path, method):
+    over = {**ALL, "fed.method": method, "fed.rounds": 4, "runtime.checkpoint_every": 3,
+            "rcsr.personal": True, "partition.missing_rate": 0.5, "rcsr.router_hidden": 32}
+    whole = run_simulation(small_config(**over), tmp_path / "whole", progress=False)
+    with pytest.raises(StopAfter):
+        run_simulation(small_config(**over), tmp_path / "cut", progress=False, stop_after=2)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    resumed = run_simulation(small_config(**over), tmp_path / "cut", progress=False)
+    assert torch.equal(whole.params, resumed.params)
+    assert _drop_seconds(whole.metrics) == _drop_seconds(resumed.metrics)
+    assert whole.clients.equals(resumed.clients)  # personal adapters came back too
+
+
+def test_checkpoint_of_another_config_is_not_resumed(small_config, tmp_path):
+    with pytest.raises(StopAfter):
+        run_simulation(small_config(), tmp_path / "run", progress=False, stop_after=2)
+    other = run_simulation(small_config(**{"train.lr": 5e-3}), tmp_path / "run", progress=False)
+    fresh = run_simulation(small_config(**{"train.lr": 5e-3}), progress=False)
+    assert torch.equal(other.params, fresh.params)
+
+
+def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session):
+    import ray
+    from ray.util.state import list_actors
+
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.strategy import make_strategy
+    from rcsr_ray.models.adapters import initial_params
+    from rcsr_ray.runtime.ray_backend import RayBackend
+
+    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3,
+                                 "runtime.faults": "hang@1:1,hang@2:4"})
+    fed = build_federation(cfg)
+    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    backend = RayBackend(fed, cfg)
+    try:
+        backend.client_state()  # the actors are up
+        deadline, names = time.monotonic() + 30, set()
+        while not {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names and time.monotonic() < deadline:
+            names = {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])}
+            time.sleep(0.5)
+        assert {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names
+        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
+        state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
+
+        # Round 1: the actor holding clients 0-2 is killed mid-round; the other three finish.
+        killer = threading.Timer(3.0, lambda: ray.kill(backend.actors[0], no_restart=False))
+        killer.start()
+        updates, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        killer.join()
+        assert failed == [0, 1, 2] and [u.client_id for u in updates] == [3, 4, 5]
+        # Round 2: client 4 hangs past the round timeout; its actor is killed and restarted.
+        backend.timeout = 15
+        updates, failed = backend.train(state, range(6), settings, cfg.seed, 2)
+        assert failed == [3, 4, 5] and [u.client_id for u in updates] == [0, 1, 2]
+        # Round 3: both restarted actors serve again.
+        updates, failed = backend.train(state, range(6), settings, cfg.seed, 3)
+        assert failed == [] and len(updates) == 6
+    finally:
+        backend.shutdown()
