@@ -161,3 +161,17 @@ def test_centroid_anchoring_moves_clusters_without_collapsing_them(small_config)
     assert result["centroid"][0] < c0 - 0.05  # clusters moved toward their targets
     assert result["centroid"][1] > result["instance"][1]  # instances kept apart better
     assert result["instance"][1] < s0
+
+
+def test_personal_switch_changes_only_personal_adapters(small_config):
+    cfg, fed, on, worker_on = _setup(small_config, **{"rcsr.personal": True})
+    _, _, off, worker_off = _setup(small_config)
+    params = worker_on.model.flat.clone()
+    for r in (1, 2):
+        updates_on, params_on, _ = _round(on, worker_on, fed, params, r, cfg)
+        updates_off, params_off, _ = _round(off, worker_off, fed, params, r, cfg)
+        assert torch.equal(params_on, params_off)
+        params = params_on
+    paired = [int(c) for c in np.flatnonzero(fed.partition.modality == PAIRED)]
+    assert all("personal" in worker_on.state[c] for c in paired)
+    assert not any("personal" in s for s in worker_off.state.values())
