@@ -89,7 +89,7 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    method: str = "fedavg"  # fedavg | zeroshot | local | central
+    method: str = "rcsr"  # rcsr | fedavg | fedprox | moon | fedper | zeroshot | local | central
     rounds: int = 50
     participation: float = 0.5  # fraction of clients sampled each round
     prox_mu: float = 0.01  # fedprox's proximal weight toward the global adapters (other methods ignore it)

@@ -19,6 +19,7 @@ SMALL = {
     "model.adapter.bottleneck": 16,
     "train.batch_size": 32,
     "train.local_epochs": 1,
+    "fed.method": "fedavg",
     "fed.rounds": 3,
     "eval.every": 1,
 }

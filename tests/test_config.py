@@ -10,7 +10,7 @@ def test_defaults_are_preset_s4():
     cfg = load_config()
     assert cfg.preset == "S4"
     assert (cfg.partition.alpha, cfg.partition.missing_rate, cfg.fed.participation) == (0.1, 0.5, 0.5)
-    assert cfg.partition.num_clients == 20 and cfg.runtime.backend == "ray"
+    assert cfg.partition.num_clients == 20 and cfg.runtime.backend == "ray" and cfg.fed.method == "rcsr"
 
 
 @pytest.mark.parametrize("preset,alpha,missing,part", [
