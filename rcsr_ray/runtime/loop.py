@@ -68,8 +68,11 @@ class StopAfter(Exception):
 
 
 def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: bool = True,
-                   stop_after: int | None = None) -> RunResult:
-    """One simulation. With `out_dir` holding a checkpoint of the same config, it resumes from there."""
+                   stop_after: int | None = None, on_round=None) -> RunResult:
+    """One simulation. With `out_dir` holding a checkpoint of the same config, it resumes from there.
+
+    `on_round(row)` is called with each evaluated round's metrics row (Tune reports, dashboard
+    metrics, a remote progress bar), for the rounds evaluated in this call."""
     t0 = time.perf_counter()
     store = open_store(cfg)
     federation = build_federation(cfg, store)
@@ -116,6 +119,8 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                     metrics = evaluator(params)
                 rows.append({"round": r, "seconds": time.perf_counter() - t0, **agg, **metrics})
                 bar.set_postfix(mean_r1=f"{metrics['mean_r1']:.1f}", loss=f"{agg['train_loss']:.3f}")
+                if on_round is not None:
+                    on_round(rows[-1])
             if out_dir is not None and (r % cfg.runtime.checkpoint_every == 0 or r in (stop_after, rounds)):
                 checkpoint.save(out_dir, cfg, r, params, rows, counts, strategy.state_dict(),
                                 backend.client_state())
