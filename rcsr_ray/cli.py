@@ -43,7 +43,12 @@ def cmd_run(args) -> int:
     out = Path(args.out) if args.out else _default_out(cfg.fed.method)
     print(f"rcsr-ray run: method={cfg.fed.method} preset={cfg.preset} clients={cfg.partition.num_clients} "
           f"rounds={cfg.fed.rounds} backend={cfg.runtime.backend} -> {out}", file=sys.stderr)
-    result = run_simulation(cfg, out, progress=not args.quiet)
+    if cfg.runtime.backend == "ray":
+        from rcsr_ray.runtime.driver import run_on_ray
+
+        result = run_on_ray(cfg, out, progress=not args.quiet)
+    else:
+        result = run_simulation(cfg, out, progress=not args.quiet)
     print(results_table(result.summary))
     print(f"\n{result.summary['rounds']} rounds in {result.summary['seconds']:.1f} s; run folder: {out}")
     return 0

@@ -136,6 +136,9 @@ class RuntimeConfig:
     num_cpus: int | None = None  # CPUs for a locally started Ray instance (default: all)
     address: str | None = None  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
     client_cpus: float = 1.0  # CPUs reserved per client actor
+    client_gpus: float = 0.0  # GPU share per client actor (e.g. 0.1); used only when the cluster has GPUs
+    # CPUs reserved for the driver actor; 0 because it and the clients take turns within a round.
+    driver_cpus: float = 0.0
     clients_per_actor: int | None = None  # null = auto: one per actor while CPUs allow, else packed
     torch_threads: int = 1  # intra-op threads per client update (keeps results identical across backends)
     round_timeout_s: float | None = None  # clients not done by then are dropped from the round (Ray backend)
@@ -269,6 +272,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "runtime.backend": (lambda v: v in ("ray", "local"), "one of ray, local"),
     "runtime.num_cpus": (lambda v: v is None or v > 0, "a positive integer or null"),
     "runtime.client_cpus": (_positive, "a number > 0"),
+    "runtime.client_gpus": (_nonneg, "a number >= 0"),
+    "runtime.driver_cpus": (_nonneg, "a number >= 0"),
     "runtime.clients_per_actor": (lambda v: v is None or v > 0, "a positive integer or null (auto)"),
     "runtime.torch_threads": (_positive, "a positive integer"),
     "runtime.round_timeout_s": (lambda v: v is None or v > 0, "a number of seconds > 0, or null"),

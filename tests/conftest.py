@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,14 +44,25 @@ def small_config(cache_dir):
     return make
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for all tests that need it, bound to 127.0.0.1, 2 CPUs."""
+    """One local Ray instance for all tests that need it, bound to 127.0.0.1, 2 CPUs, with a
+    Prometheus metrics endpoint at http://127.0.0.1:<ray_session.metrics_port>/metrics and the GCS
+    address for the state API in `ray_session.address`."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # The dashboard serves the state API (actor listings); bound to loopback.
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             configure_logging=False,
-             log_to_driver=False)
-    yield ray
+    port = free_port()
+    # The dashboard serves the state API (actor listings); bound to loopback. Metrics are pushed
+    # to the exporter every second instead of every ten, so tests see them quickly.
+    context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000},
+             configure_logging=False, log_to_driver=False)
+    # Tests pass `address` to the state API: other Ray instances may run on this machine.
+    yield SimpleNamespace(ray=ray, metrics_port=port, address=context.address_info["gcs_address"])
     ray.shutdown()

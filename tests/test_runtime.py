@@ -74,7 +74,7 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         backend.client_state()  # the actors are up
         deadline, names = time.monotonic() + 30, set()
         while not {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names and time.monotonic() < deadline:
-            names = {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])}
+            names = {a.name for a in list_actors(address=ray_session.address, filters=[("state", "=", "ALIVE")])}
             time.sleep(0.5)
         assert {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names
         params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)

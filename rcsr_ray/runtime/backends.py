@@ -39,9 +39,9 @@ class LocalBackend:
         pass
 
 
-def make_backend(federation, cfg: Config):
+def make_backend(federation, cfg: Config, run_name: str | None = None):
     if cfg.runtime.backend == "local":
         return LocalBackend(federation, cfg)
     from rcsr_ray.runtime.ray_backend import RayBackend  # Ray is imported only when asked for
 
-    return RayBackend(federation, cfg)
+    return RayBackend(federation, cfg, run_name)

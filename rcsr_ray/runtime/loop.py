@@ -24,6 +24,7 @@ from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
 from rcsr_ray.runtime import checkpoint, rundir
 from rcsr_ray.runtime.backends import make_backend
+from rcsr_ray.runtime.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,12 @@ class StopAfter(Exception):
 
 
 def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: bool = True,
-                   stop_after: int | None = None, on_round=None) -> RunResult:
+                   stop_after: int | None = None, on_round=None, on_progress=None) -> RunResult:
     """One simulation. With `out_dir` holding a checkpoint of the same config, it resumes from there.
 
     `on_round(row)` is called with each evaluated round's metrics row (Tune reports, dashboard
-    metrics, a remote progress bar), for the rounds evaluated in this call."""
+    metrics), for the rounds evaluated in this call; `on_progress(round)` after every round (a
+    progress bar drawn by another process)."""
     t0 = time.perf_counter()
     store = open_store(cfg)
     federation = build_federation(cfg, store)
@@ -84,7 +86,8 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     rounds = cfg.fed.rounds if strategy.trains else 0
     rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
     counts = {"completed_client_rounds": 0, "dropped_client_rounds": 0}
-    backend = make_backend(train_fed, cfg) if rounds else None
+    run_name = Path(out_dir).name if out_dir is not None else None
+    backend = make_backend(train_fed, cfg, run_name) if rounds else None
     start = 1
     ckpt = checkpoint.load(out_dir, cfg) if out_dir is not None and rounds else None
     if ckpt is not None:
@@ -93,25 +96,31 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
         backend.load_client_state(ckpt["clients"])
         start = ckpt["round"] + 1
         log.warning("resuming %s from round %d", out_dir, ckpt["round"])
+    recorder = RunMetrics(run_name or "unnamed") \
+        if backend is not None and backend.name == "ray" else None
     bar = tqdm(range(start, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress,
                dynamic_ncols=True, initial=start - 1, total=rounds)
     try:
         for r in bar:
+            t_round = time.perf_counter()
             sampled = strategy.sample(r, train_fed.num_clients)
             state, settings = strategy.broadcast(r, params), strategy.client_settings(r)
+            dropped = 0
             for attempt in range(cfg.runtime.round_retries + 1):
                 updates, failed = backend.train(state, sampled, settings, cfg.seed, r, attempt)
-                counts["dropped_client_rounds"] += len(failed)
+                dropped += len(failed)
                 if updates:
                     break
                 log.warning("round %d: every client failed (attempt %d)", r, attempt + 1)
             counts["completed_client_rounds"] += len(updates)
+            counts["dropped_client_rounds"] += dropped
             if updates:
                 params, agg = strategy.aggregate(r, params, updates)
             else:
                 agg = strategy.round_metrics([])
             agg["dropped_clients"] = len(failed)
-            if r % cfg.eval.every == 0 or r == rounds:
+            evaluate_now = r % cfg.eval.every == 0 or r == rounds
+            if evaluate_now:
                 if strategy.name == "local":
                     own = strategy.client_params
                     metrics = _mean_metrics([evaluator(own.get(c, params)) for c in range(train_fed.num_clients)])
@@ -121,9 +130,15 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                 bar.set_postfix(mean_r1=f"{metrics['mean_r1']:.1f}", loss=f"{agg['train_loss']:.3f}")
                 if on_round is not None:
                     on_round(rows[-1])
+            if recorder is not None:
+                if evaluate_now:
+                    recorder.evaluated(metrics)
+                recorder.round_done(r, time.perf_counter() - t_round, len(updates), dropped, agg)
             if out_dir is not None and (r % cfg.runtime.checkpoint_every == 0 or r in (stop_after, rounds)):
                 checkpoint.save(out_dir, cfg, r, params, rows, counts, strategy.state_dict(),
                                 backend.client_state())
+            if on_progress is not None:
+                on_progress(r)
             if r == stop_after:
                 raise StopAfter(r)
         clients = personalized_eval(federation, strategy, evaluator.model, params, backend)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import uuid
 
 import numpy as np
 import ray
@@ -36,10 +37,18 @@ def ensure_ray(cfg: Config) -> None:
 
 @ray.remote
 class ClientActor:
-    def __init__(self, federation, bottleneck: int, torch_threads: int, faults: str):
+    """Serves a block of clients. Their data arrives through `attach` rather than the constructor:
+    Ray cannot promise to restart an actor whose constructor arguments live in the object store, so
+    a restarted actor comes back empty and the backend attaches it again."""
+
+    def __init__(self, bottleneck: int, torch_threads: int, faults: str):
         torch.set_num_threads(torch_threads)
-        self.worker = ClientWorker(federation, bottleneck, torch_threads)
+        self.bottleneck, self.torch_threads = bottleneck, torch_threads
         self.faults = parse_faults(faults)
+        self.worker: ClientWorker | None = None
+
+    def attach(self, federation) -> None:
+        self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads)
 
     def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
               round_idx: int, attempt: int):
@@ -47,7 +56,8 @@ class ClientActor:
                            in_process=False)
 
     def ready(self) -> bool:
-        return True
+        """Whether the actor holds its clients (False after a restart)."""
+        return self.worker is not None
 
     def client_state(self, clients: list[int]) -> dict[int, dict]:
         return {c: self.worker.state[c] for c in clients if c in self.worker.state}
@@ -61,30 +71,50 @@ class ClientActor:
         return [self.worker.evaluate_local(c, params) for c in clients]
 
 
-def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clients_per_actor: int | None) -> int:
-    """Clients per actor: as asked, else one per actor while the cluster's CPUs allow, else packed."""
+def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clients_per_actor: int | None,
+                cluster_gpus: float = 0.0, client_gpus: float = 0.0) -> int:
+    """Clients per actor: as asked, else one per actor while the cluster's CPUs (and GPUs, when
+    actors take a GPU share) allow, else packed."""
     if clients_per_actor:
         return min(clients_per_actor, num_clients)
     slots = max(1, int(cluster_cpus // client_cpus))
+    if client_gpus > 0:
+        slots = min(slots, max(1, int(round(cluster_gpus / client_gpus, 6))))
     return math.ceil(num_clients / min(slots, num_clients))
+
+
+def client_gpu_share(cfg: Config) -> float:
+    """runtime.client_gpus where the cluster has GPUs, else 0 (the same config runs on a laptop)."""
+    return cfg.runtime.client_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 class RayBackend:
     name = "ray"
 
-    def __init__(self, federation, cfg: Config):
+    def __init__(self, federation, cfg: Config, run_name: str | None = None):
         ensure_ray(cfg)
+        # Actor names are unique per namespace: one namespace per run lets runs (e.g. Tune trials)
+        # share a cluster while every run's actors keep their plain names.
+        namespace = f"rcsr-{run_name or 'run'}-{uuid.uuid4().hex[:8]}"
         rt = cfg.runtime
         n = federation.num_clients
-        self.per_actor = plan_actors(n, ray.cluster_resources().get("CPU", 1), rt.client_cpus, rt.clients_per_actor)
+        resources = ray.cluster_resources()
+        gpus = client_gpu_share(cfg)
+        self.per_actor = plan_actors(n, resources.get("CPU", 1), rt.client_cpus, rt.clients_per_actor,
+                                     resources.get("GPU", 0), gpus)
+        # One copy of the federation in the object store, held for the backend's lifetime, so that
+        # restarted actors can be attached again.
+        self.federation_ref = ray.put(federation)
         self.actors = []
         for first in range(0, n, self.per_actor):
             last = min(first + self.per_actor, n) - 1
             name = f"rcsr-client-{first}" if first == last else f"rcsr-clients-{first}-{last}"
             # A restarted actor comes back empty and reloads its clients' shards on first use.
-            self.actors.append(ClientActor.options(name=name, num_cpus=rt.client_cpus,
-                                                   max_restarts=rt.max_restarts, max_task_retries=0).remote(
-                federation, cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults))
+            options = dict(name=name, namespace=namespace, num_cpus=rt.client_cpus, num_gpus=gpus,
+                           max_restarts=rt.max_restarts, max_task_retries=0)
+            self.actors.append(ClientActor.options(**options).remote(
+                cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults))
+        ray.get([a.attach.remote(self.federation_ref) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
 
@@ -116,12 +146,14 @@ class RayBackend:
         return sorted(updates, key=lambda u: u.client_id), sorted(failed)
 
     def _await_restarts(self, limit_s: float = 120.0) -> None:
-        """Wait until actors that failed last round are back (a call to a restarting actor fails)."""
+        """Wait until actors that failed last round are back (a call to a restarting actor fails),
+        and attach their clients again."""
         deadline = time.monotonic() + limit_s
         for a in sorted(self.restarting):
             while True:
                 try:
-                    ray.get(self.actors[a].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    if not ray.get(self.actors[a].ready.remote(), timeout=max(1.0, deadline - time.monotonic())):
+                        ray.get(self.actors[a].attach.remote(self.federation_ref))
                     break
                 except ray.exceptions.ActorDiedError:
                     log.warning("actor %d is gone for good (max_restarts reached)", a)
