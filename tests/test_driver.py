@@ -76,3 +76,20 @@ def test_plan_actors_respects_gpu_shares():
     assert plan_actors(10, 8, 1.0, None) == 2  # CPUs only: 8 actors
     assert plan_actors(3, 8, 1.0, None, cluster_gpus=1, client_gpus=0.1) == 1
     assert plan_actors(10, 8, 1.0, 4, cluster_gpus=1, client_gpus=0.25) == 4  # as asked
+
+
+def test_driver_actor_stopped_and_restarted_resumes_bit_identical(small_config, ray_session, tmp_path):
+    from rcsr_ray.runtime.driver import run_on_ray
+    from rcsr_ray.runtime.loop import StopAfter
+
+    keys = {"fed.method": "rcsr", "rcsr.personal": True, "partition.missing_rate": 0.5, "fed.rounds": 4,
+            "runtime.checkpoint_every": 2, "rcsr.router_hidden": 32}
+    whole = run_simulation(small_config(**keys), progress=False)
+    ray_keys = {**keys, "runtime.backend": "ray"}
+    with pytest.raises(StopAfter):  # the driver actor stops after round 2, its checkpoint written
+        run_on_ray(small_config(**ray_keys), tmp_path / "cut", progress=False, stop_after=2)
+    resumed = run_on_ray(small_config(**ray_keys), tmp_path / "cut", progress=False)
+    assert torch.equal(whole.params, resumed.params)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(whole.metrics) == drop(resumed.metrics)
+    assert whole.clients.equals(resumed.clients)  # personal adapters came back from the checkpoint

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
@@ -26,7 +27,10 @@ class DriverActor:
         self.round = 0
         self.lock = threading.Lock()
 
-    def run(self, cfg: Config, out_dir: str | None, stop_after: int | None = None) -> RunResult:
+    def run(self, cfg: Config, out_dir: str | None, torch_threads: int, stop_after: int | None = None) -> RunResult:
+        # Server-side arithmetic (aggregation, router) rounds differently with another thread count:
+        # use the caller's, so that a run gives the same numbers here as in the caller's process.
+        torch.set_num_threads(torch_threads)
         return run_simulation(cfg, out_dir, progress=False, stop_after=stop_after,
                               on_round=self._row, on_progress=self._progress)
 
@@ -58,7 +62,7 @@ def run_on_ray(cfg: Config, out_dir: str | Path | None, progress: bool = True, p
     total = cfg.fed.rounds if cfg.fed.method != "zeroshot" else 0
     bar = tqdm(total=total, desc=cfg.fed.method, unit="round", disable=not progress, dynamic_ncols=True)
     try:
-        done_ref = driver.run.remote(cfg, str(out) if out is not None else None, stop_after)
+        done_ref = driver.run.remote(cfg, str(out) if out is not None else None, torch.get_num_threads(), stop_after)
         seen = 0
         while True:
             done, _ = ray.wait([done_ref], timeout=poll_s)
