@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
-from rcsr_ray.config import Config
+from rcsr_ray.config import Config, SyntheticConfig
 from rcsr_ray.data import synthetic
 from rcsr_ray.data.partition import IMAGE_ONLY, PAIRED, TEXT_ONLY, Partition, dirichlet_partition, semantic_clusters
 from rcsr_ray.data.store import FeatureStore, SplitView, concat_ranges
@@ -49,9 +50,14 @@ class Federation:
     test_clusters: np.ndarray | None = None  # semantic cluster of each test image
     seed: int = 0
     local_test_images: int = 100
+    synthetic: SyntheticConfig | None = None  # the embedded benchmark this store was generated from
 
     @cached_property
     def store(self) -> FeatureStore:
+        if self.synthetic is not None:
+            # On a cluster node without the generated store (no shared cache), generate it again:
+            # the benchmark is deterministic, so every node gets the same bytes.
+            return synthetic.ensure_store(self.synthetic, Path(self.store_path).parent)
         return FeatureStore(self.store_path)
 
     def __getstate__(self):
@@ -158,7 +164,8 @@ def build_federation(cfg: Config, store: FeatureStore | None = None) -> Federati
     return Federation(str(store.path), partition, train,
                       cfg.data.synthetic.seed if synthetic_source else None,
                       cfg.data.synthetic.client_shift if synthetic_source else 0.0,
-                      test, test_clusters, cfg.seed, cfg.eval.local_test_images)
+                      test, test_clusters, cfg.seed, cfg.eval.local_test_images,
+                      cfg.data.synthetic if synthetic_source else None)
 
 
 def nearest_cluster(feats: np.ndarray, clusters: np.ndarray, k: int, queries: np.ndarray) -> np.ndarray:
