@@ -1,5 +1,6 @@
 """The rcsr-ray command: a run folder with everything the README promises; the partition report."""
 import json
+import re
 
 import pandas as pd
 import torch
@@ -41,3 +42,12 @@ def test_partition_command(tmp_path, cache_dir, capsys):
     out = capsys.readouterr().out
     assert "mean KL" in out and "image-only" in out and "text-only" in out
     assert png.stat().st_size > 5_000
+
+
+def test_too_many_clients_for_the_data_is_a_one_line_error(tmp_path, cache_dir, capsys):
+    # 600 training images, 16 per client at least: 37 clients fit, 100 do not.
+    code = main(["run", "--quiet", "--out", str(tmp_path / "r"), *_args(cache_dir, **{"partition.num_clients": 100})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert re.fullmatch(r"rcsr-ray: config error: partition.num_clients=100: at most 37: \S+synthetic-\w+ has 600 "
+                        r"training images and each client needs partition.min_samples=16", err[-1])

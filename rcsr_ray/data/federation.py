@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcsr_ray.config import Config, SyntheticConfig
+from rcsr_ray.config import Config, ConfigError, SyntheticConfig
 from rcsr_ray.data import synthetic
 from rcsr_ray.data.partition import IMAGE_ONLY, PAIRED, TEXT_ONLY, Partition, dirichlet_partition, semantic_clusters
 from rcsr_ray.data.store import FeatureStore, SplitView, concat_ranges
@@ -158,6 +158,10 @@ def build_federation(cfg: Config, store: FeatureStore | None = None) -> Federati
         clusters = semantic_clusters(feats, num_clusters, cfg.seed)
         test_clusters = nearest_cluster(feats, clusters, num_clusters, np.asarray(store.image_emb[test.image_rows]))
     p = cfg.partition
+    if p.num_clients * p.min_samples > len(clusters):
+        raise ConfigError("partition.num_clients", p.num_clients,
+                          f"at most {len(clusters) // max(p.min_samples, 1)}: {store.path} has {len(clusters)} "
+                          f"training images and each client needs partition.min_samples={p.min_samples}")
     partition = dirichlet_partition(clusters, p.num_clients, p.alpha, p.min_samples, p.missing_rate,
                                     p.image_only_share, cfg.seed, num_clusters=num_clusters)
     synthetic_source = cfg.data.source == "synthetic"
