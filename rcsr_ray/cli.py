@@ -99,6 +99,14 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from rcsr_ray.runtime.encode import encode_command
+
+    return encode_command(args.dataset, args.root, args.out, args.model, annotations=args.annotations,
+                          pretrained=args.pretrained, seed=args.seed, shard_size=args.shard_size,
+                          actors=args.actors, gpu_share=args.gpu_share, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcsr-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -121,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("config", help="print the resolved config")
     _config_args(conf)
     conf.set_defaults(func=cmd_config)
+    enc = sub.add_parser("encode", help="encode a real dataset into a feature store (open_clip on Ray Data)")
+    enc.add_argument("--dataset", required=True, choices=("coco", "flickr30k", "csv"))
+    enc.add_argument("--root", required=True, help="image folder (image paths are relative to it)")
+    enc.add_argument("--annotations", help="Karpathy JSON (default ROOT/dataset_<name>.json) or a .csv/.jsonl "
+                     "of image_path,caption[,split]")
+    enc.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32")
+    enc.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint file (default: random weights)")
+    enc.add_argument("--out", required=True, help="feature store folder")
+    enc.add_argument("--seed", type=int, default=0, help="seed of random weights when --pretrained is not given")
+    enc.add_argument("--shard-size", type=int, default=256, help="images or captions per shard: batch and resume unit")
+    enc.add_argument("--actors", type=int, help="encoder actors (default: one per --gpu-share of each GPU, "
+                     "else half the CPUs)")
+    enc.add_argument("--gpu-share", type=float, default=0.5, help="GPU fraction per encoder actor (default 0.5)")
+    enc.add_argument("--quiet", action="store_true", help="no progress bar")
+    enc.set_defaults(func=cmd_encode)
     return parser
 
 

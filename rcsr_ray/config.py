@@ -69,10 +69,17 @@ class PartitionConfig:
 class AdapterConfig:
     bottleneck: int = 64  # hidden width of the residual bottleneck
     init_scale: float = 0.0  # std of the up-projection at init; 0 = start exactly at zero-shot
+    # head: one adapter per modality on cached features (fast); blocks: an adapter after every
+    # transformer block of both open_clip towers, clients run the frozen backbone (data.source=features)
+    placement: str = "head"
 
 
 @dataclass
 class ModelConfig:
+    # The open_clip backbone for placement=blocks; null = as recorded in the feature store's meta.json
+    # (the model it was encoded with). Head placement never loads a backbone.
+    name: str | None = None
+    pretrained: str | None = None  # pretrained tag or local checkpoint file; null = as in meta.json
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
@@ -243,6 +250,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "partition.image_only_share": (_unit, "a number in [0, 1]"),
     "model.adapter.bottleneck": (_positive, "a positive integer"),
     "model.adapter.init_scale": (_nonneg, "a number >= 0"),
+    "model.adapter.placement": (lambda v: v in ("head", "blocks"), "one of head, blocks"),
     "train.local_epochs": (_positive, "a positive integer"),
     "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (InfoNCE needs negatives)"),
     "train.lr": (_positive, "a number > 0"),
@@ -422,6 +430,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 def _cross_checks(cfg: Config) -> None:
     if cfg.data.source == "features" and not cfg.data.path:
         raise ConfigError("data.path", cfg.data.path, "a feature store folder when data.source=features")
+    if cfg.model.adapter.placement == "blocks":
+        if cfg.data.source != "features":
+            raise ConfigError("model.adapter.placement", "blocks", "head unless data.source=features "
+                              "(blocks runs the backbone on the store's images; the synthetic benchmark has none)")
+        if cfg.rcsr.clip_anchor > 0 and cfg.fed.method == "rcsr":
+            raise ConfigError("rcsr.clip_anchor", cfg.rcsr.clip_anchor, "0 with model.adapter.placement=blocks "
+                              "(the CLIP anchor compares with cached features, which blocks mode does not use)")
     s = cfg.data.synthetic
     if s.instance_dim > s.dim:
         raise ConfigError("data.synthetic.instance_dim", s.instance_dim, f"at most data.synthetic.dim ({s.dim})")

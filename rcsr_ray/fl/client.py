@@ -1,7 +1,9 @@
 """The client update: a plain function of (global state, client data, settings, seed).
 
 Both backends call `ClientWorker.update`; each worker keeps one adapter model and swaps weights in
-place per client, so nothing is rebuilt per client or per round.
+place per client, so nothing is rebuilt per client or per round. A worker trains on one torch
+device (a Ray actor's GPU share, or the CPU); whatever leaves it, and whatever it keeps as client
+state (checkpointed), is on the CPU, so the server and checkpoints never see the device.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from rcsr_ray.config import Config
 from rcsr_ray.data.federation import ClientShard
 from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.eval.retrieval import evaluate
-from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
+from rcsr_ray.models.adapters import AdapterPair, adapter_model, apply_adapters, initial_params
 
 
 @dataclass(frozen=True)
@@ -72,23 +74,26 @@ def client_seed(seed: int, round_idx: int, client: int) -> int:
 
 def info_nce(img: torch.Tensor, txt: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = img @ txt.T / temperature
-    labels = torch.arange(len(img))
+    labels = torch.arange(len(img), device=img.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 class ClientWorker:
     """Holds one adapter model and the shards of the clients it serves, plus their private state."""
 
-    def __init__(self, federation, bottleneck: int, torch_threads: int = 1):
+    def __init__(self, federation, bottleneck: int, torch_threads: int = 1, device: str | torch.device = "cpu"):
         self.federation = federation  # anything with .shard(client) -> ClientShard
-        dim = federation.store.dim
-        self.model = AdapterPair(dim, bottleneck)
-        # Scratch models whose weights are swapped in per client: personal adapters, MOON's references.
-        self.personal_model = AdapterPair(dim, bottleneck)
-        self.moon_models = (AdapterPair(dim, bottleneck), AdapterPair(dim, bottleneck))
+        self.device = torch.device(device)
+        store = federation.store
+        self.model = adapter_model(store, bottleneck, device=self.device)
+        # Scratch models whose weights are swapped in per client: personal adapters (on top of the
+        # shared ones' output), MOON's references.
+        self.personal_model = AdapterPair(self.model.dim, bottleneck, device=self.device)
+        self.moon_models = tuple(adapter_model(store, bottleneck, device=self.device) for _ in range(2))
         self.torch_threads = torch_threads
         self.shards: dict[int, ClientShard] = {}
-        self.state: dict[int, dict] = {}  # per client, never sent to the server
+        self.inputs: dict[int, tuple] = {}  # per client: (shard, its tensors on the device)
+        self.state: dict[int, dict] = {}  # per client, never sent to the server; CPU tensors
         self.test_shards: dict[int, ClientShard] = {}
 
     def shard(self, client: int) -> ClientShard:
@@ -98,13 +103,24 @@ class ClientWorker:
             self.state[client] = {}
         return self.shards[client]
 
+    def _tensors(self, shard: ClientShard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A shard's images, captions and cluster slots as tensors on the device; moved there once for
+        the shards this worker keeps."""
+        cached = self.inputs.get(shard.client_id)
+        if cached is None or cached[0] is not shard:
+            cached = (shard, tuple(torch.from_numpy(np.asarray(a)).to(self.device) for a in (
+                shard.image_emb, shard.caption_emb, np.asarray(shard.clusters, np.int64))))
+            if self.shards.get(shard.client_id) is shard:
+                self.inputs[shard.client_id] = cached
+        return cached[1]
+
     def update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
                round_idx: int) -> ClientUpdate:
         shard = self.shard(client)
         own = self.state[client]
         has_img, has_txt = shard.has_image, shard.has_text
-        slots = torch.from_numpy(np.asarray(shard.clusters, np.int64))
-        anchors = state.prototypes if settings.anchor_weight > 0 else None
+        slots = self._tensors(shard)[2]
+        anchors = _to(state.prototypes, self.device) if settings.anchor_weight > 0 else None
         trainable = shard.num_images >= 2 and (shard.modality == PAIRED or (
             anchors is not None and bool(anchors["seen"][slots, 1 if has_img else 0].any())))
         if not trainable:
@@ -120,7 +136,7 @@ class ClientWorker:
         try:
             loss, steps = self._train(start, state.params, shard, slots, anchors, settings,
                                       client_seed(seed, round_idx, client), own)
-            new = self.model.flat.detach().clone()
+            new = self.model.flat.detach().to("cpu", copy=True)
             update = ClientUpdate(client, shard.modality, shard.num_images, new - start, loss, steps)
             if settings.report_prototypes:
                 update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
@@ -136,15 +152,17 @@ class ClientWorker:
         model = self.model
         model.load_flat(start)
         params = list(model.parameters())
-        prox_targets = _views_like(global_params, params) if s.prox_mu > 0 else None
+        prox_targets = _views_like(global_params.to(self.device), params) if s.prox_mu > 0 else None
         moon = self._moon_references(global_params, own.get("moon_prev", global_params)) if s.moon_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        # Batches are drawn on the CPU whatever the device, so every device sees the same batches.
         g = torch.Generator().manual_seed(seed)
         has_img, has_txt = shard.has_image, shard.has_text
-        images = torch.from_numpy(shard.image_emb)
-        captions = torch.from_numpy(shard.caption_emb)
+        images, captions, _ = self._tensors(shard)
+        slots = slots.to(self.device)
         total, steps = 0.0, 0
         for idx, pick in _batches(shard, s, g):
+            idx, pick = idx.to(self.device), pick.to(self.device)
             img, txt = model.encode(images[idx] if has_img else None, captions[pick] if has_txt else None)
             loss = info_nce(img, txt, s.temperature) if has_img and has_txt else img.new_zeros(()) \
                 if has_img else txt.new_zeros(())
@@ -164,7 +182,7 @@ class ClientWorker:
             total += loss.item()
             steps += 1
         if s.moon_mu > 0:
-            own["moon_prev"] = model.flat.detach().clone()
+            own["moon_prev"] = model.flat.detach().to("cpu", copy=True)
         if s.personal:
             self._train_personal(shard, s, g, own)
         return total / max(steps, 1), steps
@@ -180,25 +198,31 @@ class ClientWorker:
         """Train the client's personal adapters (on top of its shared ones) on local pairs; they stay here."""
         if shard.modality != PAIRED:
             return  # no contrastive signal: the personal adapters stay at identity
-        with torch.no_grad():
-            images = self.model.image(torch.from_numpy(shard.image_emb))
-            captions = self.model.text(torch.from_numpy(shard.caption_emb))
+        images, captions = self._embedded(shard)
         personal = self.personal_model
         personal.load_flat(own.get("personal", self._personal_init(shard.client_id)))
         opt = torch.optim.AdamW(personal.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         if "personal_opt" in own:
-            opt.load_state_dict(own["personal_opt"])
+            opt.load_state_dict(own["personal_opt"])  # moves the saved state to the parameters' device
         for idx, pick in _batches(shard, s, g):
+            idx, pick = idx.to(self.device), pick.to(self.device)
             loss = info_nce(personal.image(images[idx]), personal.text(captions[pick]), s.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        own["personal"] = personal.flat.detach().clone()
-        own["personal_opt"] = opt.state_dict()
+        own["personal"] = personal.flat.detach().to("cpu", copy=True)
+        own["personal_opt"] = _to(opt.state_dict(), "cpu")
 
     def _personal_init(self, client: int) -> torch.Tensor:
-        dim, hidden = self.model.image.down.in_features, self.model.image.down.out_features
-        return initial_params(dim, hidden, 0.0, seed=client)
+        hidden = self.personal_model.image.down.out_features
+        return initial_params(self.personal_model.dim, hidden, 0.0, seed=client)
+
+    @torch.no_grad()
+    def _embedded(self, shard: ClientShard) -> tuple[torch.Tensor, torch.Tensor]:
+        """A shard's images and captions through the shared adapters as loaded (on the device)."""
+        images, captions, _ = self._tensors(shard)
+        return _chunked(self.model.image, images, self.model.eval_chunk), \
+            _chunked(self.model.text, captions, self.model.eval_chunk)
 
     def evaluate_local(self, client: int, global_params: torch.Tensor) -> dict:
         """R@1 on the client's personal test set, with the global adapters and, if it has them, its
@@ -212,20 +236,22 @@ class ClientWorker:
 
     @torch.no_grad()
     def _prototypes(self, shard: ClientShard, slots, num_slots: int, has_img: bool, has_txt: bool) -> dict:
-        """Per-cluster sums and counts of the adapted embeddings of each modality the client has."""
-        d = shard.image_emb.shape[1]
+        """Per-cluster sums and counts of the adapted embeddings of each modality the client has (CPU)."""
+        images, captions, _ = self._tensors(shard)
+        slots = slots.to(self.device)
+        d, chunk = self.model.dim, self.model.eval_chunk
         out = {}
         if has_img:
-            emb = self.model.image(torch.from_numpy(shard.image_emb))
-            out["image_sum"] = torch.zeros(num_slots, d).index_add_(0, slots, emb)
+            emb = _chunked(self.model.image, images, chunk)
+            out["image_sum"] = emb.new_zeros(num_slots, d).index_add_(0, slots, emb)
             out["image_count"] = torch.bincount(slots, minlength=num_slots).float()
         if has_txt:
-            counts = torch.from_numpy(np.diff(shard.caption_offsets))
+            counts = torch.from_numpy(np.diff(shard.caption_offsets)).to(self.device)
             cap_slots = torch.repeat_interleave(slots, counts)
-            emb = self.model.text(torch.from_numpy(shard.caption_emb))
-            out["text_sum"] = torch.zeros(num_slots, d).index_add_(0, cap_slots, emb)
+            emb = _chunked(self.model.text, captions, chunk)
+            out["text_sum"] = emb.new_zeros(num_slots, d).index_add_(0, cap_slots, emb)
             out["text_count"] = torch.bincount(cap_slots, minlength=num_slots).float()
-        return out
+        return _to(out, "cpu")
 
     def _geometry(self, delta: torch.Tensor, own: dict, n: int) -> torch.Tensor:
         norm = delta.norm()
@@ -235,6 +261,24 @@ class ClientWorker:
         own["prev_delta"] = delta
         # The image share of the update norm stays bounded for unimodal clients, unlike a ratio.
         return torch.stack([norm, img_norm / (img_norm + txt_norm + 1e-12), cos, norm / n ** 0.5]).float()
+
+
+def _chunked(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """fn over x, `chunk` rows at a time (None: all at once)."""
+    if chunk is None or len(x) <= chunk:
+        return fn(x)
+    return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def _to(obj, device):
+    """`obj` (tensors inside dicts, lists, tuples) with every tensor on `device`; no copy where already there."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
 
 
 def _batches(shard: ClientShard, s: ClientSettings, g: torch.Generator):
@@ -260,7 +304,7 @@ def moon_loss(img, txt, img_in, txt_in, glob: AdapterPair, prev: AdapterPair, te
         with torch.no_grad():
             zg, zp = getattr(glob, side)(x), getattr(prev, side)(x)
         logits = torch.stack([(z * zg).sum(-1), (z * zp).sum(-1)], dim=1) / temperature
-        terms.append(F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long)))
+        terms.append(F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device)))
     return torch.stack(terms).mean()
 
 
@@ -296,13 +340,13 @@ def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch
         emb, where = emb[seen], slots[seen]
         if mode == "centroid":
             where, inverse, counts = torch.unique(where, return_inverse=True, return_counts=True)
-            means = torch.zeros(len(where), emb.shape[1]).index_add(0, inverse, emb)
+            means = emb.new_zeros(len(where), emb.shape[1]).index_add(0, inverse, emb)
             cos = F.cosine_similarity(means, protos[target][where], dim=-1)
             terms.append(((1 - cos) * counts).sum() / counts.sum())
         else:
             goal = F.normalize(protos[target][where], dim=-1)
             terms.append((1 - (emb * goal).sum(-1)).mean())
-    return torch.stack(terms).mean() if terms else torch.zeros(())
+    return torch.stack(terms).mean() if terms else protos["seen"].new_zeros((), dtype=torch.float32)
 
 
 def clip_anchor_loss(img, img_in, txt, txt_in) -> torch.Tensor:

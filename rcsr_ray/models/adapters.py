@@ -29,21 +29,34 @@ class ResidualAdapter(nn.Module):
         return F.normalize(x + self.up(F.gelu(self.down(x))), dim=-1)
 
 
+def share_flat(module: nn.Module, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Move `module`'s parameters into one flat buffer on `device` (they become views into it).
+
+    Parameters are initialised on the CPU first, so the initial weights do not depend on the device.
+    """
+    params = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).to(device)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset:offset + n].view_as(p)
+        offset += n
+    return flat
+
+
 class AdapterPair(nn.Module):
     """The shared (federated) adapters: `image` and `text`, parameters views into `self.flat`."""
 
-    def __init__(self, dim: int, bottleneck: int, init_scale: float = 0.0, seed: int = 0):
+    eval_chunk = None  # inputs are embeddings: cheap enough to adapt a whole shard at once
+
+    def __init__(self, dim: int, bottleneck: int, init_scale: float = 0.0, seed: int = 0,
+                 device: str | torch.device = "cpu"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
+        self.dim = dim  # width of the adapted embeddings
         self.image = ResidualAdapter(dim, bottleneck, init_scale, g)
         self.text = ResidualAdapter(dim, bottleneck, init_scale, g)
-        params = list(self.parameters())
-        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.data = self.flat[offset:offset + n].view_as(p)
-            offset += n
+        self.flat = share_flat(self, device)
         # Which flat entries belong to the image adapter (the rest are the text adapter's).
         self.image_numel = sum(p.numel() for p in self.image.parameters())
 
@@ -62,11 +75,26 @@ def initial_params(dim: int, bottleneck: int, init_scale: float, seed: int) -> t
     return AdapterPair(dim, bottleneck, init_scale, seed).flat.clone()
 
 
+def adapter_model(store, bottleneck: int, init_scale: float = 0.0, seed: int = 0,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """The adapters for the rows a store holds: head adapters on cached embeddings, or, for a store
+    of raw inputs (`blocks.InputStore`), adapters inside the frozen backbone's blocks."""
+    build = getattr(store, "build_adapters", None)
+    if build is not None:
+        return build(bottleneck, init_scale, seed, device)
+    return AdapterPair(store.dim, bottleneck, init_scale, seed, device)
+
+
 @torch.inference_mode()
-def apply_adapters(model: AdapterPair, params: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
+def apply_adapters(model: nn.Module, params: torch.Tensor, image_in: torch.Tensor, text_in: torch.Tensor,
                    chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adapted embeddings of whole splits under `params` (chunked to bound memory)."""
+    """Adapted embeddings (on the CPU) of whole splits under `params`, chunked to bound memory; the
+    inputs go to the model's device one chunk at a time."""
     model.load_flat(params)
-    img = torch.cat([model.image(image_emb[i:i + chunk]) for i in range(0, len(image_emb), chunk)])
-    txt = torch.cat([model.text(text_emb[i:i + chunk]) for i in range(0, len(text_emb), chunk)])
-    return img, txt
+    chunk = model.eval_chunk or chunk
+    device = model.flat.device
+
+    def run(fn, x):
+        return torch.cat([fn(x[i:i + chunk].to(device)).cpu() for i in range(0, len(x), chunk)])
+
+    return run(model.image, image_in), run(model.text, text_in)

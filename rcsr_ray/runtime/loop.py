@@ -21,7 +21,7 @@ from rcsr_ray.eval.personal import summarize_clients
 from rcsr_ray.eval.retrieval import evaluate
 from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy
-from rcsr_ray.models.adapters import AdapterPair, apply_adapters, initial_params
+from rcsr_ray.models.adapters import adapter_model, apply_adapters
 from rcsr_ray.runtime import checkpoint, rundir
 from rcsr_ray.runtime.backends import make_backend
 from rcsr_ray.runtime.metrics import RunMetrics
@@ -32,7 +32,8 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rs
 
 
 class GlobalEvaluator:
-    """Retrieval on the store's test split under given adapter weights."""
+    """Retrieval on the store's test split under given adapter weights. `store` is the feature store,
+    or in blocks mode its `InputStore` (models/blocks.py): then the backbone runs on the test images."""
 
     def __init__(self, store: FeatureStore, cfg: Config):
         test = store.split("test")
@@ -42,7 +43,7 @@ class GlobalEvaluator:
         self.captions = torch.from_numpy(np.asarray(store.caption_emb[test.caption_rows]))
         self.caption_image = test.caption_image
         self.protocol = cfg.eval.protocol
-        self.model = AdapterPair(store.dim, cfg.model.adapter.bottleneck)
+        self.model = adapter_model(store, cfg.model.adapter.bottleneck)
 
     def __call__(self, params: torch.Tensor) -> dict:
         img, txt = apply_adapters(self.model, params, self.images, self.captions)
@@ -78,10 +79,17 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     t0 = time.perf_counter()
     store = open_store(cfg)
     federation = build_federation(cfg, store)
+    inputs = store  # what the adapters read: cached features, or (blocks) the backbone's inputs
+    if cfg.model.adapter.placement == "blocks":
+        from rcsr_ray.models.blocks import BlocksFederation  # loads open_clip only when asked for
+
+        federation = BlocksFederation.wrap(federation, cfg)
+        inputs = federation.store
     strategy = make_strategy(cfg, federation.num_clients, federation.partition.num_clusters, store.dim)
     train_fed = PooledFederation(federation) if strategy.name == "central" else federation
-    evaluator = GlobalEvaluator(store, cfg)
-    params = initial_params(store.dim, cfg.model.adapter.bottleneck, cfg.model.adapter.init_scale, cfg.seed)
+    evaluator = GlobalEvaluator(inputs, cfg)
+    a = cfg.model.adapter
+    params = adapter_model(inputs, a.bottleneck, a.init_scale, cfg.seed).flat.clone()
     zeroshot = evaluator(params)
     rounds = cfg.fed.rounds if strategy.trains else 0
     rows = [{"round": 0, "seconds": 0.0, **zeroshot}]

@@ -48,7 +48,9 @@ class ClientActor:
         self.worker: ClientWorker | None = None
 
     def attach(self, federation) -> None:
-        self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads)
+        # The device follows what Ray assigned: a GPU share when the actor asked for one.
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=device)
 
     def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
               round_idx: int, attempt: int):

@@ -1,0 +1,165 @@
+"""Full-backbone mode (model.adapter.placement=blocks) end to end on a tiny shapes dataset and the
+tiny random open_clip model: adapters after every block of both towers, trained through the backbone."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from rcsr_ray.config import ConfigError, load_config
+from rcsr_ray.data.federation import build_federation
+from rcsr_ray.data.partition import PAIRED
+from rcsr_ray.data.readers import read_dataset
+from rcsr_ray.data.shapes import make_shapes_dataset
+from rcsr_ray.data.store import FeatureStore, StoreError, write_store
+from rcsr_ray.fl.client import ClientSettings, ClientWorker, GlobalState
+from rcsr_ray.models.adapters import apply_adapters
+from rcsr_ray.models.backbone import load_backbone
+from rcsr_ray.models.blocks import BlockAdapters, BlocksFederation
+from rcsr_ray.runtime.loop import METRIC_KEYS, GlobalEvaluator, run_simulation
+
+MODEL = "rcsr-tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as client updates use (runtime.torch_threads): tiny matrices run faster
+    without thread hand-offs, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    """Shapes images encoded by the tiny model (random weights from seed 3) into a feature store."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, {"train": 48, "test": 16}, captions_per_image=3, seed=1)
+    data = read_dataset("coco", root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, on purpose
+        backbone = load_backbone(MODEL, None, seed=3)
+    from PIL import Image
+
+    pixels = np.stack([backbone.preprocess(Image.open(data.image_file(i)).convert("RGB")).numpy()
+                       for i in range(data.num_images)])
+    out = root / "store"
+    write_store(out, backbone.encode_images(pixels), backbone.encode_texts(data.captions), data.caption_image,
+                data.splits, image_paths=data.paths, caption_texts=data.captions,
+                meta={"root": str(data.root), "model": MODEL, "pretrained": None, "seed": 3})
+    return str(out)
+
+
+def _config(store_path, **over):
+    keys = {"data.source": "features", "data.path": store_path, "model.adapter.placement": "blocks",
+            "model.adapter.bottleneck": 8, "partition.num_clients": 3, "partition.clusters": 4,
+            "partition.min_samples": 8, "partition.alpha": None, "partition.missing_rate": 0.0,
+            "fed.participation": 1.0, "fed.method": "fedavg", "fed.rounds": 2, "train.batch_size": 8,
+            "train.local_epochs": 1, "train.lr": 1e-2, "eval.every": 1, "eval.local_test_images": 8,
+            "runtime.backend": "local"}
+    keys.update({k.replace("__", "."): v for k, v in over.items()})
+    return load_config(overrides=keys)
+
+
+def _initial(cfg):
+    fed = BlocksFederation.wrap(build_federation(cfg), cfg)
+    a = cfg.model.adapter
+    return fed, fed.store.build_adapters(a.bottleneck, a.init_scale, cfg.seed, "cpu").flat.clone()
+
+
+def test_initial_adapters_reproduce_the_frozen_backbone(store_path):
+    cfg = _config(store_path)
+    fed, params = _initial(cfg)
+    features = FeatureStore(store_path)
+    evaluator = GlobalEvaluator(fed.store, cfg)
+    assert isinstance(evaluator.model, BlockAdapters)
+    # Both towers, one adapter per block; all of them in the flat vector.
+    assert len(evaluator.model.image_adapters) == 2 and len(evaluator.model.text_adapters) == 2
+    assert params.numel() == sum(p.numel() for p in evaluator.model.parameters())
+    img, txt = apply_adapters(evaluator.model, params, evaluator.images, evaluator.captions)
+    test = features.split("test")
+    assert torch.allclose(img, torch.from_numpy(np.asarray(features.image_emb[test.image_rows])), atol=1e-5)
+    assert torch.allclose(txt, torch.from_numpy(np.asarray(features.caption_emb[test.caption_rows])), atol=1e-5)
+    # Moved adapters change the embeddings (the hooks are live), and are gone after the call.
+    moved = params + 0.05 * torch.randn(params.shape, generator=torch.Generator().manual_seed(0))
+    img2, txt2 = apply_adapters(evaluator.model, moved, evaluator.images, evaluator.captions)
+    assert (img2 - img).abs().max() > 1e-3 and (txt2 - txt).abs().max() > 1e-3
+    backbone = evaluator.model._frozen[0]
+    assert all(not b._forward_hooks for b in backbone.visual.transformer.resblocks)
+    assert all(not b._forward_hooks for b in backbone.transformer.resblocks)
+
+
+def test_client_update_trains_every_block_of_both_towers(store_path):
+    cfg = _config(store_path)
+    fed, params = _initial(cfg)
+    worker = ClientWorker(fed, cfg.model.adapter.bottleneck)
+    client = int(np.flatnonzero(fed.partition.modality == PAIRED)[0])
+    settings = ClientSettings(3, 8, 1e-2, 0.0, 0.07)
+    u = worker.update(client, GlobalState(params), settings, 0, 1)
+    assert u.steps > 0 and math.isfinite(u.loss) and u.delta.shape == params.shape
+    # Every adapter's up-projection (zero at the start) moved: gradients reach all blocks.
+    offset = 0
+    for adapter in [*worker.model.image_adapters, *worker.model.text_adapters]:
+        for name, p in adapter.named_parameters():
+            if name == "up.weight":
+                assert u.delta[offset:offset + p.numel()].abs().max() > 0, name
+            offset += p.numel()
+    again = ClientWorker(fed, cfg.model.adapter.bottleneck).update(client, GlobalState(params), settings, 0, 1)
+    assert torch.equal(u.delta, again.delta)  # deterministic
+
+
+@pytest.mark.parametrize("method, over", [("fedavg", {}),
+                                          ("rcsr", {"partition.missing_rate": 0.34})])
+def test_blocks_run_end_to_end(store_path, method, over):
+    cfg = _config(store_path, **{"fed.method": method, **over})
+    res = run_simulation(cfg, progress=False)
+    _, initial = _initial(cfg)
+    assert res.params.shape == initial.shape and not torch.equal(res.params, initial)
+    assert [r["round"] for r in res.metrics] == [0, 1, 2]
+    for row in res.metrics:
+        assert all(math.isfinite(row[k]) for k in METRIC_KEYS), row
+    assert res.metrics[-1]["trained_clients"] > 0
+    assert len(res.clients) == cfg.partition.num_clients and res.clients["i2t_r1"].notna().all()
+    # Round 0 (the adapters at their zero state) is the frozen backbone: head mode's zero-shot.
+    head = run_simulation(_config(store_path, **{"fed.method": "zeroshot", "model.adapter.placement": "head"}),
+                          progress=False)
+    assert {k: res.metrics[0][k] for k in METRIC_KEYS} == {k: head.metrics[0][k] for k in METRIC_KEYS}
+
+
+def test_blocks_config_errors(store_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.adapter\.placement='blocks'.*data\.source=features"):
+        load_config(overrides={"model.adapter.placement": "blocks"})
+    with pytest.raises(ConfigError, match=r"model\.adapter\.placement='tail'.*one of head, blocks"):
+        _config(store_path, **{"model.adapter.placement": "tail"})
+    with pytest.raises(ConfigError, match=r"rcsr\.clip_anchor=0\.1"):
+        _config(store_path, **{"fed.method": "rcsr", "rcsr.clip_anchor": 0.1})
+    # A backbone of another width than the store's embeddings is caught before anything is loaded.
+    cfg = _config(store_path, **{"model.name": "RN50"})
+    with pytest.raises(ConfigError, match=r"model\.name='RN50'.*32-d, RN50's are 1024-d"):
+        run_simulation(cfg, progress=False)
+    # A store with no recorded model and none configured.
+    bare = FeatureStore(store_path)
+    write_store(tmp_path / "bare", bare.image_emb, bare.caption_emb, bare.caption_image,
+                bare.images["split"].to_numpy(), image_paths=bare.images["path"].tolist(),
+                caption_texts=bare.captions["text"].tolist())
+    with pytest.raises(ConfigError, match=r"model\.name=None.*records none"):
+        run_simulation(_config(str(tmp_path / "bare")), progress=False)
+    # Images that went missing since the encode: a StoreError naming the file.
+    write_store(tmp_path / "moved", bare.image_emb, bare.caption_emb, bare.caption_image,
+                bare.images["split"].to_numpy(), image_paths=bare.images["path"].tolist(),
+                caption_texts=bare.captions["text"].tolist(),
+                meta={"root": str(tmp_path / "nowhere"), "model": MODEL, "seed": 3})
+    with pytest.raises(StoreError, match=r"nowhere.*cannot be read"):
+        run_simulation(_config(str(tmp_path / "moved")), progress=False)
+
+
+def test_blocks_on_ray_actors_equal_local(store_path, ray_session):
+    # A client actor loads the backbone itself (from the store's meta.json) and reads its clients' images.
+    cfg = _config(store_path, **{"fed.rounds": 1})
+    local = run_simulation(cfg, progress=False)
+    remote = run_simulation(_config(store_path, **{"fed.rounds": 1, "runtime.backend": "ray",
+                                                   "runtime.clients_per_actor": 3}), progress=False)
+    assert torch.equal(local.params, remote.params)
+    assert local.metrics[-1]["mean_r1"] == remote.metrics[-1]["mean_r1"]
