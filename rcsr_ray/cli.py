@@ -99,6 +99,41 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from rcsr_ray.sweep.report import results_text
+    from rcsr_ray.sweep.runner import load_saved_spec, run_sweep
+    from rcsr_ray.sweep.spec import load_spec
+
+    if args.resume and not args.out:
+        raise ConfigError("--resume", True, "needs --out DIR, the sweep folder to continue")
+    if args.spec:
+        spec = load_spec(args.spec, args.overrides)
+    elif args.resume:
+        if args.overrides:
+            raise ConfigError(args.overrides[0], None, "keys need --spec (a resumed sweep keeps its spec.yaml)")
+        spec = load_saved_spec(args.out)
+    else:
+        raise ConfigError("--spec", None, "a sweep spec YAML file (see tune/)")
+    out = Path(args.out) if args.out else _default_out(f"sweep-{spec.name}")
+    print(f"rcsr-ray sweep: {spec.name}: {spec.num_trials} trials, swept {', '.join(spec.swept)} -> {out}",
+          file=sys.stderr)
+    table = run_sweep(spec, out, resume=args.resume, progress=not args.quiet)
+    print(results_text(table))
+    print(f"\n{len(table)} trials; {out / 'results.csv'}, {out / 'report.md'}")
+    if table.attrs["unfinished"]:
+        print(f"rcsr-ray sweep: {table.attrs['unfinished']} of {spec.num_trials} trials failed or did not finish; "
+              f"continue with: rcsr-ray sweep --out {out} --resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rcsr_ray.sweep.report import write_report
+
+    print(f"report: {write_report(args.dir)}")
+    return 0
+
+
 def cmd_encode(args) -> int:
     from rcsr_ray.runtime.encode import encode_command
 
@@ -129,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("config", help="print the resolved config")
     _config_args(conf)
     conf.set_defaults(func=cmd_config)
+    sweep = sub.add_parser("sweep", help="a Ray Tune sweep over config keys (spec: tune/*.yaml)")
+    sweep.add_argument("--spec", help="sweep spec YAML (optional with --resume: the folder's spec.yaml)")
+    sweep.add_argument("--out", help="sweep folder (default runs/<time>-sweep-<name>)")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --out; finished trials are kept")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="base config overrides (not swept keys)")
+    sweep.set_defaults(func=cmd_sweep)
+    rep = sub.add_parser("report", help="plots and report.md for a run folder or a sweep folder")
+    rep.add_argument("dir", help="run folder or sweep folder")
+    rep.set_defaults(func=cmd_report)
     enc = sub.add_parser("encode", help="encode a real dataset into a feature store (open_clip on Ray Data)")
     enc.add_argument("--dataset", required=True, choices=("coco", "flickr30k", "csv"))
     enc.add_argument("--root", required=True, help="image folder (image paths are relative to it)")
