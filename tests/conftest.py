@@ -6,6 +6,7 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from rcsr_ray.config import load_config
 
@@ -25,6 +26,16 @@ SMALL = {
     "fed.rounds": 3,
     "eval.every": 1,
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread, as client updates use (runtime.torch_threads): tiny matrices run faster
+    without thread hand-offs, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -20,16 +20,7 @@ from rcsr_ray.models.blocks import BlockAdapters, BlocksFederation
 from rcsr_ray.runtime.loop import METRIC_KEYS, GlobalEvaluator, run_simulation
 
 MODEL = "rcsr-tiny"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as client updates use (runtime.torch_threads): tiny matrices run faster
-    without thread hand-offs, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,7 @@ from rcsr_ray.fl.client import ClientSettings, ClientWorker
 from rcsr_ray.fl.strategy import make_strategy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as client updates use (runtime.torch_threads): tiny matrices run faster
-    without thread hand-offs, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 S4 = {"partition.alpha": 0.1, "partition.missing_rate": 0.5, "fed.method": "rcsr", "rcsr.personal": True}
 

@@ -12,10 +12,14 @@ from torch import nn
 
 
 class ResidualAdapter(nn.Module):
-    """y = normalize(x + up(gelu(down(x)))); `up` starts at (near) zero so training starts at zero-shot."""
+    """y = normalize(x + up(gelu(down(x)))); `up` starts at (near) zero so training starts at zero-shot.
 
-    def __init__(self, dim: int, bottleneck: int, init_scale: float = 0.0, generator: torch.Generator | None = None):
+    normalize=False for adapters inside a transformer (on token states, not embeddings)."""
+
+    def __init__(self, dim: int, bottleneck: int, init_scale: float = 0.0, generator: torch.Generator | None = None,
+                 normalize: bool = True):
         super().__init__()
+        self.normalize = normalize
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         with torch.no_grad():
@@ -26,7 +30,8 @@ class ResidualAdapter(nn.Module):
             self.up.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x + self.up(F.gelu(self.down(x))), dim=-1)
+        y = x + self.up(F.gelu(self.down(x)))
+        return F.normalize(y, dim=-1) if self.normalize else y
 
 
 def share_flat(module: nn.Module, device: str | torch.device = "cpu") -> torch.Tensor:

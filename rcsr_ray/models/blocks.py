@@ -30,27 +30,8 @@ from torch import nn
 from rcsr_ray.config import Config, ConfigError
 from rcsr_ray.data.federation import Federation
 from rcsr_ray.data.store import FeatureStore, StoreError
-from rcsr_ray.models.adapters import share_flat
+from rcsr_ray.models.adapters import ResidualAdapter, share_flat
 from rcsr_ray.models.backbone import TINY_MODELS, Backbone, load_backbone, register_tiny_model
-
-
-class BlockAdapter(nn.Module):
-    """x + up(gelu(down(x))) on a block's token states; `up` starts at zero, so the block's output is
-    unchanged until training moves it (no normalisation: this sits inside the transformer)."""
-
-    def __init__(self, width: int, bottleneck: int, init_scale: float, generator: torch.Generator):
-        super().__init__()
-        self.down = nn.Linear(width, bottleneck)
-        self.up = nn.Linear(bottleneck, width)
-        with torch.no_grad():
-            bound = 1 / width ** 0.5
-            self.down.weight.uniform_(-bound, bound, generator=generator)
-            self.down.bias.uniform_(-bound, bound, generator=generator)
-            self.up.weight.normal_(0.0, init_scale, generator=generator) if init_scale > 0 else self.up.weight.zero_()
-            self.up.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.gelu(self.down(x)))
 
 
 def tower_blocks(model: nn.Module, name: str) -> tuple[nn.ModuleList, int, nn.ModuleList, int]:
@@ -76,8 +57,11 @@ class BlockAdapters(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         vis, vis_width, txt, txt_width = tower_blocks(backbone.model, backbone.name)
-        self.image_adapters = nn.ModuleList(BlockAdapter(vis_width, bottleneck, init_scale, g) for _ in vis)
-        self.text_adapters = nn.ModuleList(BlockAdapter(txt_width, bottleneck, init_scale, g) for _ in txt)
+        # On token states inside the transformer: residual, not normalised.
+        self.image_adapters = nn.ModuleList(
+            ResidualAdapter(vis_width, bottleneck, init_scale, g, normalize=False) for _ in vis)
+        self.text_adapters = nn.ModuleList(
+            ResidualAdapter(txt_width, bottleneck, init_scale, g, normalize=False) for _ in txt)
         self.flat = share_flat(self, device)
         self.image_numel = sum(p.numel() for p in self.image_adapters.parameters())
         self.dim = backbone.dim
