@@ -1,4 +1,4 @@
-"""`rcsr-ray`: run a simulation, inspect a partition, print the config."""
+"""`rcsr-ray`: run simulations, sweeps and comparisons, encode real datasets, inspect partitions, report."""
 from __future__ import annotations
 
 import argparse
