@@ -44,13 +44,13 @@ class Federation:
     store_path: str
     partition: Partition
     train: SplitView
-    shift_seed: int | None  # data seed for synthetic client shifts (None: real data, no shift)
-    shift_strength: float
+    # The embedded benchmark the store was generated from (None: real data): its seed and
+    # client_shift give each client's domain shift, and a node without the store regenerates it.
+    synthetic: SyntheticConfig | None = None
     test: SplitView | None = None  # the global test split, source of the clients' local test sets
     test_clusters: np.ndarray | None = None  # semantic cluster of each test image
     seed: int = 0
     local_test_images: int = 100
-    synthetic: SyntheticConfig | None = None  # the embedded benchmark this store was generated from
 
     @cached_property
     def store(self) -> FeatureStore:
@@ -106,9 +106,9 @@ class Federation:
         starts, ends = split.caption_offsets[local], split.caption_offsets[local + 1]
         counts = ends - starts
         caption_emb = np.asarray(store.caption_emb[split.caption_rows[concat_ranges(starts, ends)]])
-        if self.shift_seed is not None and self.shift_strength > 0:
-            img_shift, txt_shift = synthetic.client_shift_vectors(self.shift_seed, client, store.dim,
-                                                                  self.shift_strength)
+        if self.synthetic is not None and self.synthetic.client_shift > 0:
+            img_shift, txt_shift = synthetic.client_shift_vectors(self.synthetic.seed, client, store.dim,
+                                                                  self.synthetic.client_shift)
             image_emb = _renorm(image_emb + img_shift)
             caption_emb = _renorm(caption_emb + txt_shift)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -164,12 +164,11 @@ def build_federation(cfg: Config, store: FeatureStore | None = None) -> Federati
                           f"training images and each client needs partition.min_samples={p.min_samples}")
     partition = dirichlet_partition(clusters, p.num_clients, p.alpha, p.min_samples, p.missing_rate,
                                     p.image_only_share, cfg.seed, num_clusters=num_clusters)
-    synthetic_source = cfg.data.source == "synthetic"
-    return Federation(str(store.path), partition, train,
-                      cfg.data.synthetic.seed if synthetic_source else None,
-                      cfg.data.synthetic.client_shift if synthetic_source else 0.0,
-                      test, test_clusters, cfg.seed, cfg.eval.local_test_images,
-                      cfg.data.synthetic if synthetic_source else None)
+    federation = Federation(str(store.path), partition, train,
+                            cfg.data.synthetic if cfg.data.source == "synthetic" else None,
+                            test, test_clusters, cfg.seed, cfg.eval.local_test_images)
+    federation.store = store  # already open here; reopened only where the federation is unpickled
+    return federation
 
 
 def nearest_cluster(feats: np.ndarray, clusters: np.ndarray, k: int, queries: np.ndarray) -> np.ndarray:

@@ -49,8 +49,22 @@ def share_flat(module: nn.Module, device: str | torch.device = "cpu") -> torch.T
     return flat
 
 
-class AdapterPair(nn.Module):
-    """The shared (federated) adapters: `image` and `text`, parameters views into `self.flat`."""
+class FlatAdapters(nn.Module):
+    """Adapters for both modalities whose parameters are views into one flat buffer `self.flat` (what
+    travels); subclasses define `image(x)`, `text(x)`, `flat`, `image_numel`, `dim`, `eval_chunk`."""
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.flat.copy_(flat)
+
+    def encode(self, image_in: torch.Tensor | None, text_in: torch.Tensor | None):
+        img = self.image(image_in) if image_in is not None else None
+        txt = self.text(text_in) if text_in is not None else None
+        return img, txt
+
+
+class AdapterPair(FlatAdapters):
+    """The shared (federated) adapters on cached embeddings: `image` and `text`."""
 
     eval_chunk = None  # inputs are embeddings: cheap enough to adapt a whole shard at once
 
@@ -64,15 +78,6 @@ class AdapterPair(nn.Module):
         self.flat = share_flat(self, device)
         # Which flat entries belong to the image adapter (the rest are the text adapter's).
         self.image_numel = sum(p.numel() for p in self.image.parameters())
-
-    def load_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.flat.copy_(flat)
-
-    def encode(self, image_emb: torch.Tensor | None, text_emb: torch.Tensor | None):
-        img = self.image(image_emb) if image_emb is not None else None
-        txt = self.text(text_emb) if text_emb is not None else None
-        return img, txt
 
 
 def initial_params(dim: int, bottleneck: int, init_scale: float, seed: int) -> torch.Tensor:

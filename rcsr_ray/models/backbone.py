@@ -53,12 +53,22 @@ def register_tiny_model(name: str = "rcsr-tiny") -> str:
     return name
 
 
+def model_config(name: str, key: str = "model") -> dict:
+    """open_clip's architecture config of `name` (tiny test models registered on the way); a
+    ConfigError on `key` for an unknown name."""
+    if name in TINY_MODELS:
+        register_tiny_model(name)
+    arch = open_clip.get_model_config(name)
+    if arch is None:
+        raise ConfigError(key, name, "an open_clip model name such as ViT-B-32 (open_clip.list_models() lists them)")
+    return arch
+
+
 @dataclass
 class Backbone:
     """A frozen open_clip model with its inference preprocessing and tokenizer."""
 
     name: str
-    pretrained: str | None
     model: torch.nn.Module  # open_clip CLIP, eval mode, requires_grad False
     preprocess: Callable  # PIL image -> (3, S, S) float tensor
     tokenizer: Callable  # list[str] -> (n, context_length) int64 tensor
@@ -90,11 +100,7 @@ def load_backbone(model_name: str, pretrained: str | None = None, device: str | 
     Random weights are drawn from `seed`, so every process (encode actors, client actors) that loads
     the same name and seed holds the same model.
     """
-    if model_name in TINY_MODELS:
-        register_tiny_model(model_name)
-    if open_clip.get_model_config(model_name) is None:
-        raise ConfigError("model", model_name, "an open_clip model name such as ViT-B-32 "
-                          "(open_clip.list_models() lists them)")
+    dim = int(model_config(model_name)["embed_dim"])
     weights = None
     if pretrained is None:
         warnings.warn(f"backbone {model_name}: no pretrained weights given, using random weights "
@@ -125,9 +131,8 @@ def load_backbone(model_name: str, pretrained: str | None = None, device: str | 
     finally:
         logging.disable(quiet)
     model.eval().requires_grad_(False)
-    return Backbone(name=model_name, pretrained=pretrained, model=model, preprocess=preprocess,
-                    tokenizer=open_clip.get_tokenizer(model_name), dim=int(open_clip.get_model_config(model_name)["embed_dim"]),
-                    device=torch.device(device))
+    return Backbone(name=model_name, model=model, preprocess=preprocess,
+                    tokenizer=open_clip.get_tokenizer(model_name), dim=dim, device=torch.device(device))
 
 
 def _fetch_tag(model_name: str, tag: str) -> str:

@@ -22,7 +22,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +29,8 @@ from torch import nn
 from rcsr_ray.config import Config, ConfigError
 from rcsr_ray.data.federation import Federation
 from rcsr_ray.data.store import FeatureStore, StoreError
-from rcsr_ray.models.adapters import ResidualAdapter, share_flat
-from rcsr_ray.models.backbone import TINY_MODELS, Backbone, load_backbone, register_tiny_model
+from rcsr_ray.models.adapters import FlatAdapters, ResidualAdapter, share_flat
+from rcsr_ray.models.backbone import Backbone, load_backbone, model_config
 
 
 def tower_blocks(model: nn.Module, name: str) -> tuple[nn.ModuleList, int, nn.ModuleList, int]:
@@ -44,7 +43,7 @@ def tower_blocks(model: nn.Module, name: str) -> tuple[nn.ModuleList, int, nn.Mo
     return visual.resblocks, int(visual.width), text.resblocks, int(text.width)
 
 
-class BlockAdapters(nn.Module):
+class BlockAdapters(FlatAdapters):
     """Adapters after every block of both towers of a frozen backbone, parameters in one flat buffer
     (image tower's first). The backbone is shared, not owned: it is neither a submodule nor in `flat`,
     and the adapters are hooked into it only while this module runs it, so several adapter sets
@@ -67,10 +66,6 @@ class BlockAdapters(nn.Module):
         self.dim = backbone.dim
         self._frozen = (backbone.model, vis, txt)  # a tuple, so nn.Module does not register them
 
-    def load_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.flat.copy_(flat)
-
     @contextlib.contextmanager
     def _hooked(self, blocks: nn.ModuleList, adapters: nn.ModuleList):
         handles = [b.register_forward_hook(lambda _m, _in, out, a=a: a(out)) for b, a in zip(blocks, adapters)]
@@ -91,10 +86,6 @@ class BlockAdapters(nn.Module):
         model, _, txt = self._frozen
         with self._hooked(txt, self.text_adapters):
             return F.normalize(model.encode_text(tokens.long()).float(), dim=-1)
-
-    def encode(self, pixels: torch.Tensor | None, tokens: torch.Tensor | None):
-        return (self.image(pixels) if pixels is not None else None,
-                self.text(tokens) if tokens is not None else None)
 
 
 _LOADED: dict[tuple, Backbone] = {}  # one frozen backbone per process and device
@@ -175,11 +166,7 @@ def backbone_spec(features: FeatureStore, cfg: Config) -> tuple[str, str | None,
     if not name:
         raise ConfigError("model.name", cfg.model.name, f"an open_clip model name: the feature store {features.path} "
                           "records none (meta.json 'model'), and placement=blocks must run the backbone")
-    if name in TINY_MODELS:
-        register_tiny_model(name)
-    arch = open_clip.get_model_config(name)
-    if arch is None:
-        raise ConfigError("model.name", name, "an open_clip model name such as ViT-B-32 (open_clip.list_models())")
+    arch = model_config(name, "model.name")
     if int(arch["embed_dim"]) != features.dim:
         raise ConfigError("model.name", name, f"the backbone the feature store {features.path} was encoded with: "
                           f"its embeddings are {features.dim}-d, {name}'s are {arch['embed_dim']}-d")
@@ -201,6 +188,9 @@ class BlocksFederation(Federation):
 
     @classmethod
     def wrap(cls, federation: Federation, cfg: Config) -> "BlocksFederation":
-        name, pretrained, seed = backbone_spec(federation.store, cfg)
+        features = federation.store
+        name, pretrained, seed = backbone_spec(features, cfg)
         fields = {f.name: getattr(federation, f.name) for f in dataclasses.fields(Federation)}
-        return cls(**fields, model_name=name, pretrained=pretrained, backbone_seed=seed)
+        blocks = cls(**fields, model_name=name, pretrained=pretrained, backbone_seed=seed)
+        blocks.store = InputStore(features, name, pretrained, seed)  # the open store, not a second one
+        return blocks
