@@ -8,6 +8,7 @@ state (checkpointed), is on the CPU, so the server and checkpoints never see the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -84,17 +85,23 @@ class ClientWorker:
     def __init__(self, federation, bottleneck: int, torch_threads: int = 1, device: str | torch.device = "cpu"):
         self.federation = federation  # anything with .shard(client) -> ClientShard
         self.device = torch.device(device)
-        store = federation.store
-        self.model = adapter_model(store, bottleneck, device=self.device)
-        # Scratch models whose weights are swapped in per client: personal adapters (on top of the
-        # shared ones' output), MOON's references.
-        self.personal_model = AdapterPair(self.model.dim, bottleneck, device=self.device)
-        self.moon_models = tuple(adapter_model(store, bottleneck, device=self.device) for _ in range(2))
+        self.bottleneck = bottleneck
+        self.model = adapter_model(federation.store, bottleneck, device=self.device)
         self.torch_threads = torch_threads
         self.shards: dict[int, ClientShard] = {}
         self.inputs: dict[int, tuple] = {}  # per client: (shard, its tensors on the device)
         self.state: dict[int, dict] = {}  # per client, never sent to the server; CPU tensors
         self.test_shards: dict[int, ClientShard] = {}
+
+    # Scratch models whose weights are swapped in per client, built on first use (only the methods
+    # that need them do): personal adapters (on top of the shared ones' output), MOON's references.
+    @cached_property
+    def personal_model(self) -> AdapterPair:
+        return AdapterPair(self.model.dim, self.bottleneck, device=self.device)
+
+    @cached_property
+    def moon_models(self) -> tuple:
+        return tuple(adapter_model(self.federation.store, self.bottleneck, device=self.device) for _ in range(2))
 
     def shard(self, client: int) -> ClientShard:
         """The client's data, read from the feature store on first use and then kept."""
@@ -200,7 +207,7 @@ class ClientWorker:
             return  # no contrastive signal: the personal adapters stay at identity
         images, captions = self._embedded(shard)
         personal = self.personal_model
-        personal.load_flat(own.get("personal", self._personal_init(shard.client_id)))
+        personal.load_flat(own["personal"] if "personal" in own else self._personal_init(shard.client_id))
         opt = torch.optim.AdamW(personal.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         if "personal_opt" in own:
             opt.load_state_dict(own["personal_opt"])  # moves the saved state to the parameters' device

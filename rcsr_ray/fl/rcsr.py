@@ -6,15 +6,11 @@ from __future__ import annotations
 import torch
 
 from rcsr_ray.config import Config
-from rcsr_ray.data.partition import IMAGE_ONLY, PAIRED, TEXT_ONLY
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, GlobalState
 from rcsr_ray.fl.rcsr_server import (GlobalPrototypes, RouterTrainer, client_alignment, fuse_weights,
                                      minimax_update, prototype_coherence, weight_entropy)
 from rcsr_ray.fl.strategy import FedAvg
 from rcsr_ray.models.router import SemanticRouter
-
-# Which modalities a client has, as the router's mask (image, text).
-_MASK = {PAIRED: (1.0, 1.0), IMAGE_ONLY: (1.0, 0.0), TEXT_ONLY: (0.0, 1.0)}
 
 
 class RCSR(FedAvg):
@@ -53,9 +49,9 @@ class RCSR(FedAvg):
                 self.prototypes.update(reported, torch.ones(len(reported), dtype=torch.float64) / len(reported))
             return params, metrics
         protos = [u.prototypes for u in ok]
-        img_p, txt_p, _ = self.prototypes.pool_clients(protos)
+        img_p, txt_p, has = self.prototypes.pool_clients(protos)
         geometry = torch.stack([u.geometry for u in ok])
-        mask = torch.tensor([_MASK[u.modality] for u in ok])
+        mask = has.float()  # the router's modality mask (image, text): what each client reported
         losses = torch.tensor([u.loss for u in ok], dtype=torch.float32)
         tokens = SemanticRouter.build_tokens(img_p, txt_p, geometry, mask, losses)
         k = len(ok)
