@@ -100,9 +100,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from rcsr_ray.sweep.report import results_text
-    from rcsr_ray.sweep.runner import load_saved_spec, run_sweep
-    from rcsr_ray.sweep.spec import load_spec
+    from rcsr_ray.sweep.spec import load_saved_spec, load_spec
 
     if args.resume and not args.out:
         raise ConfigError("--resume", True, "needs --out DIR, the sweep folder to continue")
@@ -114,6 +112,10 @@ def cmd_sweep(args) -> int:
         spec = load_saved_spec(args.out)
     else:
         raise ConfigError("--spec", None, "a sweep spec YAML file (see tune/)")
+    # Ray Tune is imported only once the spec is known to be good: a bad one fails in a blink.
+    from rcsr_ray.sweep.report import results_text
+    from rcsr_ray.sweep.runner import run_sweep
+
     out = Path(args.out) if args.out else _default_out(f"sweep-{spec.name}")
     print(f"rcsr-ray sweep: {spec.name}: {spec.num_trials} trials, swept {', '.join(spec.swept)} -> {out}",
           file=sys.stderr)

@@ -1,4 +1,5 @@
 """Sweeps: spec validation, trials equal to plain runs, placement groups, resume, reports, CLI."""
+import itertools
 import json
 from pathlib import Path
 
@@ -9,10 +10,16 @@ import yaml
 from rcsr_ray.cli import main
 from rcsr_ray.config import ConfigError, with_overrides
 from rcsr_ray.runtime.loop import METRIC_KEYS, run_simulation
-from rcsr_ray.sweep.spec import grid_points, load_spec, parse_spec
+from rcsr_ray.sweep.spec import load_spec, parse_spec
 from tests.conftest import SMALL
 
 TUNE = Path(__file__).resolve().parents[1] / "tune"
+
+
+def grid_points(spec) -> list[dict]:
+    """Every combination of the grid, in Tune's order (the last key varies slowest)."""
+    keys = list(spec.grid)
+    return [dict(zip(keys, combo[::-1])) for combo in itertools.product(*[spec.grid[k] for k in reversed(keys)])]
 
 
 def _small(cache_dir, **extra):

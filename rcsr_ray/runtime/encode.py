@@ -27,14 +27,13 @@ from typing import Callable
 
 import numpy as np
 import ray
-import torch
 from tqdm.auto import tqdm
 
 from rcsr_ray.config import ConfigError, load_config
 from rcsr_ray.data.readers import ImageCaptions, read_dataset
 from rcsr_ray.data.store import FeatureStore, write_store
 from rcsr_ray.models.backbone import load_backbone
-from rcsr_ray.runtime.ray_backend import ensure_ray
+from rcsr_ray.runtime.ray_backend import actor_device, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +105,9 @@ class _Encoder:
     """An actor of the pool: loads the backbone once, then encodes one shard (images or captions) per call."""
 
     def __init__(self, model: str, pretrained: str | None, seed: int):
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the driver already warned about random weights
-            self.backbone = load_backbone(model, pretrained, device=device, seed=seed)
+            self.backbone = load_backbone(model, pretrained, device=actor_device(), seed=seed)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"][0], bool)
@@ -229,6 +227,9 @@ def encode_dataset(data: ImageCaptions, out: str | Path, model: str, pretrained:
         # The store replaces the folder: never delete something that is not a store.
         raise ConfigError("--out", str(out), "a new folder or an existing feature store (this is neither)")
     backbone = load_backbone(model, pretrained, seed=seed)  # fails here, before any work, on a bad name/tag
+    # The actors hold the model; the driver keeps only what preprocessing and the store need.
+    preprocess, image_size, dim = backbone.preprocess, backbone.image_size, backbone.dim
+    del backbone
     ensure_ray(load_config())  # runtime.address / RAY_ADDRESS, else a local instance on 127.0.0.1
     work = work_dir(out)
     _open_work(work, _fingerprint(data, model, pretrained, seed, shard_size))
@@ -250,10 +251,10 @@ def encode_dataset(data: ImageCaptions, out: str | Path, model: str, pretrained:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     with tqdm(total=sum(len(sh["items"]) for sh in todo), unit="item", desc="encode", disable=not progress,
               file=sys.stderr) as bar:
-        _run_pipeline(todo, work, model, pretrained, seed, n_actors, resources, backbone.preprocess,
-                      backbone.image_size, str(data.root), bar, on_shard, report)
+        _run_pipeline(todo, work, model, pretrained, seed, n_actors, resources, preprocess,
+                      image_size, str(data.root), bar, on_shard, report)
 
-    store = _assemble(data, texts, text_rows, image_shards, text_shards, work, out, report, backbone.dim,
+    store = _assemble(data, texts, text_rows, image_shards, text_shards, work, out, report, dim,
                       meta={"source": "encode", "dataset": dataset, "annotations": str(data.annotations),
                             "root": str(data.root), "model": model, "seed": seed,
                             "pretrained": os.path.abspath(pretrained) if pretrained and os.path.isfile(pretrained)

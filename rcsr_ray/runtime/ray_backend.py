@@ -23,6 +23,11 @@ from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 log = logging.getLogger(__name__)
 
 
+def actor_device() -> str:
+    """The torch device of the calling actor: what Ray assigned it, a GPU share when it asked for one."""
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def ensure_ray(cfg: Config) -> None:
     """Join the cluster named by runtime.address / RAY_ADDRESS, else start a local instance on 127.0.0.1."""
     if ray.is_initialized():
@@ -48,9 +53,7 @@ class ClientActor:
         self.worker: ClientWorker | None = None
 
     def attach(self, federation) -> None:
-        # The device follows what Ray assigned: a GPU share when the actor asked for one.
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=device)
+        self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=actor_device())
 
     def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
               round_idx: int, attempt: int):
@@ -85,9 +88,9 @@ def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clien
     return math.ceil(num_clients / min(slots, num_clients))
 
 
-def client_gpu_share(cfg: Config) -> float:
+def client_gpu_share(cfg: Config, cluster_gpus: float) -> float:
     """runtime.client_gpus where the cluster has GPUs, else 0 (the same config runs on a laptop)."""
-    return cfg.runtime.client_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return cfg.runtime.client_gpus if cluster_gpus > 0 else 0.0
 
 
 class RayBackend:
@@ -101,7 +104,7 @@ class RayBackend:
         rt = cfg.runtime
         n = federation.num_clients
         resources = ray.cluster_resources()
-        gpus = client_gpu_share(cfg)
+        gpus = client_gpu_share(cfg, resources.get("GPU", 0))
         self.per_actor = plan_actors(n, resources.get("CPU", 1), rt.client_cpus, rt.clients_per_actor,
                                      resources.get("GPU", 0), gpus)
         # One copy of the federation in the object store, held for the backend's lifetime, so that

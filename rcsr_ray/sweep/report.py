@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from rcsr_ray.config import ConfigError
+from rcsr_ray.sweep.spec import SPEC_FILE
 
 TRIALS_DIR = "trials"
 HEADLINE = ("mean_r1", "i2t_r1", "t2i_r1", "rsum", "pers_mean_r1", "pers_worst10_r1")
@@ -227,7 +228,7 @@ def write_sweep_report(sweep_dir: str | Path) -> pd.DataFrame:
         return table
     table.to_csv(sweep_dir / "results.csv", index=False)
     _parquet_ready(table).to_parquet(sweep_dir / "results.parquet", index=False)
-    spec_file = sweep_dir / "spec.yaml"
+    spec_file = sweep_dir / SPEC_FILE
     name = yaml.safe_load(spec_file.read_text()).get("name", sweep_dir.name) if spec_file.is_file() else sweep_dir.name
     grids, gains = grid_tables(table), None
     figures = []

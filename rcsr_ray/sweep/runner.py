@@ -29,14 +29,11 @@ from tqdm.auto import tqdm
 
 from rcsr_ray.config import ConfigError, _flatten, load_config
 from rcsr_ray.runtime.loop import run_simulation
-from rcsr_ray.runtime.ray_backend import ensure_ray
+from rcsr_ray.runtime.ray_backend import client_gpu_share, ensure_ray
 from rcsr_ray.sweep.report import TRIALS_DIR, run_folder, write_sweep_report
-from rcsr_ray.sweep.spec import SweepSpec, max_rounds, parse_spec, trial_actors
+from rcsr_ray.sweep.spec import SPEC_FILE, SweepSpec, max_rounds, trial_actors
 
 log = logging.getLogger(__name__)
-
-SPEC_FILE = "spec.yaml"
-
 
 def _numbers(row: dict, prefix: str = "") -> dict:
     """The numeric entries of a metrics row or summary (nested dicts flattened with a prefix)."""
@@ -75,13 +72,12 @@ def sweep_trial(config: dict, spec: SweepSpec) -> None:
 def trial_resources(spec: SweepSpec):
     """Resources of a trial as a function of its params: a driver bundle plus one per client actor."""
 
-    # As the runtime does: client actors take runtime.client_gpus only where the cluster has GPUs.
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
 
     def resources(config: dict):
         cfg = spec.trial_config(config)
         client = {"CPU": cfg.runtime.client_cpus}
-        gpus = getattr(cfg.runtime, "client_gpus", 0) if has_gpus else 0
+        gpus = client_gpu_share(cfg, cluster_gpus)  # what the trial's client actors will ask for
         if gpus:
             client["GPU"] = gpus
         return tune.PlacementGroupFactory([{"CPU": spec.driver_cpus}] + [client] * trial_actors(cfg))
@@ -172,11 +168,3 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, progress: 
     saved_trials = tune.ExperimentAnalysis(str(out / TRIALS_DIR)).trials
     table.attrs["unfinished"] = sum(t.status != "TERMINATED" for t in saved_trials)
     return table
-
-
-def load_saved_spec(out: str | Path) -> SweepSpec:
-    """The spec a sweep folder was started with (for `--resume` without `--spec`)."""
-    path = Path(out) / SPEC_FILE
-    if not path.is_file():
-        raise ConfigError("--out", str(out), f"a sweep folder with {SPEC_FILE}")
-    return parse_spec(yaml.safe_load(path.read_text()), str(path))

@@ -31,6 +31,8 @@ import yaml
 
 from rcsr_ray.config import Config, ConfigError, _flatten, load_config, parse_override, with_overrides
 
+SPEC_FILE = "spec.yaml"  # the spec a sweep folder was started with
+
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SPEC_KEYS = ("name", "preset", "config", "grid", "sample", "num_samples", "client_actors", "driver_cpus",
              "max_concurrent_trials", "asha", "fail_fast")
@@ -247,13 +249,16 @@ def validate(spec: SweepSpec) -> None:
     for key, (dist, args) in spec.sample.items():
         for v in _probe_values(dist, args):
             check("sample", {key: v})
-    if spec.num_trials // spec.num_samples <= _FULL_PRODUCT_LIMIT:  # combinations (cross-checks between keys)
+    # Combinations (cross-checks between keys); with one swept key the loop above saw them all.
+    if len(spec.grid) > 1 and spec.num_trials // spec.num_samples <= _FULL_PRODUCT_LIMIT:
         keys = list(spec.grid)
         for combo in itertools.product(*spec.grid.values()):
             check("grid", dict(zip(keys, combo)))
 
 
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every combination of the grid, in Tune's order (the last key varies slowest)."""
-    keys = list(spec.grid)
-    return [dict(zip(keys, combo[::-1])) for combo in itertools.product(*[spec.grid[k] for k in reversed(keys)])]
+def load_saved_spec(out: str | Path) -> SweepSpec:
+    """The spec a sweep folder was started with (for `--resume` without `--spec`)."""
+    path = Path(out) / SPEC_FILE
+    if not path.is_file():
+        raise ConfigError("--out", str(out), f"a sweep folder with {SPEC_FILE}")
+    return parse_spec(yaml.safe_load(path.read_text()), str(path))
