@@ -161,7 +161,7 @@ class ClientWorker:
         params = list(model.parameters())
         prox_targets = _views_like(global_params.to(self.device), params) if s.prox_mu > 0 else None
         moon = self._moon_references(global_params, own.get("moon_prev", global_params)) if s.moon_mu > 0 else None
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        opt = model.optimizer(s.lr, s.weight_decay)
         # Batches are drawn on the CPU whatever the device, so every device sees the same batches.
         g = torch.Generator().manual_seed(seed)
         has_img, has_txt = shard.has_image, shard.has_text
@@ -183,7 +183,7 @@ class ClientWorker:
                 loss = loss + s.moon_mu * moon_loss(img, txt, images[idx], captions[pick], *moon, s.moon_temperature)
             if not loss.requires_grad:
                 continue  # nothing to anchor to in this batch
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item()
@@ -208,13 +208,13 @@ class ClientWorker:
         images, captions = self._embedded(shard)
         personal = self.personal_model
         personal.load_flat(own["personal"] if "personal" in own else self._personal_init(shard.client_id))
-        opt = torch.optim.AdamW(personal.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        opt = personal.optimizer(s.lr, s.weight_decay)
         if "personal_opt" in own:
             opt.load_state_dict(own["personal_opt"])  # moves the saved state to the parameters' device
         for idx, pick in _batches(shard, s, g):
             idx, pick = idx.to(self.device), pick.to(self.device)
             loss = info_nce(personal.image(images[idx]), personal.text(captions[pick]), s.temperature)
-            opt.zero_grad(set_to_none=True)
+            personal.zero_grad()
             loss.backward()
             opt.step()
         own["personal"] = personal.flat.detach().to("cpu", copy=True)

@@ -2,7 +2,8 @@
 
 The flat buffer is what travels between server and clients: loading the global state into a
 worker's model is one `copy_`, and an update is one subtraction (the pfl-research habit of keeping
-one model per worker and swapping weights in place).
+one model per worker and swapping weights in place). Gradients live in one flat buffer too, so the
+optimizer updates a single tensor per step.
 """
 from __future__ import annotations
 
@@ -30,21 +31,51 @@ class ResidualAdapter(nn.Module):
             self.up.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize and x.dim() == 2:
+            return _NormalizedResidual.apply(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
         y = x + self.up(F.gelu(self.down(x)))
         return F.normalize(y, dim=-1) if self.normalize else y
 
 
+class _NormalizedResidual(torch.autograd.Function):
+    """normalize(x + up(gelu(down(x)))) on (n, dim) embeddings, with a hand-written backward.
+
+    At adapter sizes the matmuls are small and a CPU client step is bound by per-operation overhead;
+    autograd's graph for this expression runs about twice the operations of this backward."""
+
+    @staticmethod
+    def forward(ctx, x, down_w, down_b, up_w, up_b):
+        pre = torch.addmm(down_b, x, down_w.t())
+        hidden = F.gelu(pre)
+        z = torch.addmm(up_b, hidden, up_w.t()).add_(x)
+        norm = z.norm(dim=-1, keepdim=True).clamp_min_(1e-12)  # F.normalize's eps
+        y = z.div_(norm)
+        ctx.save_for_backward(x, down_w, up_w, pre, hidden, y, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, down_w, up_w, pre, hidden, y, norm = ctx.saved_tensors
+        grad_z = (grad_y - y * (grad_y * y).sum(-1, keepdim=True)).div_(norm)
+        grad_pre = torch.ops.aten.gelu_backward(grad_z.mm(up_w), pre)
+        grad_x = grad_z + grad_pre.mm(down_w) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_pre.t().mm(x), grad_pre.sum(0), grad_z.t().mm(hidden), grad_z.sum(0)
+
+
 def share_flat(module: nn.Module, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Move `module`'s parameters into one flat buffer on `device` (they become views into it).
+    """Move `module`'s parameters into one flat buffer on `device` (they become views into it), and
+    their gradients into `flat.grad` likewise: autograd accumulates into existing gradients in place.
 
     Parameters are initialised on the CPU first, so the initial weights do not depend on the device.
     """
     params = list(module.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params]).to(device)
+    flat.grad = torch.zeros_like(flat)
     offset = 0
     for p in params:
         n = p.numel()
         p.data = flat[offset:offset + n].view_as(p)
+        p.grad = flat.grad[offset:offset + n].view_as(p)
         offset += n
     return flat
 
@@ -56,6 +87,15 @@ class FlatAdapters(nn.Module):
     def load_flat(self, flat: torch.Tensor) -> None:
         with torch.no_grad():
             self.flat.copy_(flat)
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """A fresh AdamW over the flat buffer: one fused kernel per step instead of a dozen operations
+        per parameter."""
+        return torch.optim.AdamW([self.flat], lr=lr, weight_decay=weight_decay, fused=True)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the flat gradient in place (setting gradients to None would detach them from it)."""
+        self.flat.grad.zero_()
 
     def encode(self, image_in: torch.Tensor | None, text_in: torch.Tensor | None):
         img = self.image(image_in) if image_in is not None else None
