@@ -7,13 +7,14 @@
 (b) S4 with the full RCSR method at the same scale.
 
 Times cover what a round costs the simulator (broadcast, client updates, collection, aggregation),
-not evaluation. Median over rounds after warm-up. The last line is one JSON object.
+not evaluation. Median over rounds after warm-up; the local and Ray runs alternate round by round.
+The last line is one JSON object.
 
 Ray with one client per actor (`ray_actor_s`) is measured only when the machine can hold one
 actor per client (about 0.5 GB each): on a 2-core, 24 GB machine 100 actors do not fit, so it is
 reported as null there.
 
-    python benchmarks/round_overhead.py [--rounds 8] [--warmup 2]
+    python benchmarks/round_overhead.py [--rounds 12] [--warmup 3]
 """
 from __future__ import annotations
 
@@ -38,29 +39,46 @@ PEER = {"preset": "S1", "fed.method": "fedavg", "data.synthetic.train_images": 2
 RCSR_S4 = {**PEER, "preset": "S4", "fed.method": "rcsr", "data.synthetic.client_shift": 0.35}
 
 
-def seconds_per_round(keys: dict, rounds: int, warmup: int) -> tuple[float, torch.Tensor]:
-    cfg = load_config(overrides=keys)
-    fed = build_federation(cfg)
-    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
-    backend = make_backend(fed, cfg)
-    params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
-    times = []
+class Run:
+    """One backend's simulation, advanced a round at a time."""
+
+    def __init__(self, keys: dict):
+        self.cfg = cfg = load_config(overrides=keys)
+        self.fed = build_federation(cfg)
+        self.strategy = make_strategy(cfg, self.fed.num_clients, self.fed.partition.num_clusters, self.fed.store.dim)
+        self.backend = make_backend(self.fed, cfg)
+        self.params = initial_params(self.fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
+        self.times: list[float] = []
+
+    def round(self, r: int) -> None:
+        t = time.perf_counter()
+        sampled = self.strategy.sample(r, self.fed.num_clients)
+        updates, _ = self.backend.train(self.strategy.broadcast(r, self.params), sampled,
+                                        self.strategy.client_settings(r), self.cfg.seed, r)
+        self.params, _ = self.strategy.aggregate(r, self.params, updates)
+        self.times.append(time.perf_counter() - t)
+
+
+def seconds_per_round(keys: dict, rounds: int, warmup: int) -> tuple[float, float, bool]:
+    """Median s/round of the local backend and of Ray packed, and whether they ended identical.
+
+    The two runs alternate round by round, so that both see the same stretches of this VM's speed,
+    which drifts by up to 1.5x over a minute."""
+    local, packed = Run({**keys, "runtime.backend": "local"}), Run({**keys, "runtime.backend": "ray"})
     try:
         for r in range(1, rounds + 1):
-            t = time.perf_counter()
-            sampled = strategy.sample(r, fed.num_clients)
-            updates, _ = backend.train(strategy.broadcast(r, params), sampled, strategy.client_settings(r), cfg.seed, r)
-            params, _ = strategy.aggregate(r, params, updates)
-            times.append(time.perf_counter() - t)
+            local.round(r)
+            packed.round(r)
     finally:
-        backend.shutdown()
-    return statistics.median(times[warmup:]), params
+        packed.backend.shutdown()
+    return (statistics.median(local.times[warmup:]), statistics.median(packed.times[warmup:]),
+            torch.equal(local.params, packed.params))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
@@ -69,9 +87,7 @@ def main() -> None:
     res = {}
     rows = []
     for label, keys in (("peer", PEER), ("rcsr", RCSR_S4)):
-        local_s, local_params = seconds_per_round({**keys, "runtime.backend": "local"}, args.rounds, args.warmup)
-        packed_s, packed_params = seconds_per_round({**keys, "runtime.backend": "ray"}, args.rounds, args.warmup)
-        same = torch.equal(local_params, packed_params)
+        local_s, packed_s, same = seconds_per_round(keys, args.rounds, args.warmup)
         rows.append((label, local_s, packed_s, packed_s / local_s, same))
         res[label] = (local_s, packed_s, same)
     ray.shutdown()

@@ -69,6 +69,11 @@ class Federation:
     def num_clients(self) -> int:
         return self.partition.num_clients
 
+    @cached_property
+    def client_sizes(self) -> np.ndarray:
+        """Training images per client."""
+        return np.array([len(ix) for ix in self.partition.client_indices], np.int64)
+
     def shard(self, client: int) -> ClientShard:
         local = self.partition.client_indices[client]  # positions within the train split
         return self._shard(client, local, int(self.partition.modality[client]), self.train)
@@ -113,7 +118,8 @@ class Federation:
             caption_emb = _renorm(caption_emb + txt_shift)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         clusters = self.partition.clusters if clusters is None else clusters
-        return ClientShard(client, modality, image_emb.astype(np.float32), caption_emb.astype(np.float32), offsets,
+        return ClientShard(client, modality, image_emb.astype(np.float32, copy=False),
+                           caption_emb.astype(np.float32, copy=False), offsets,
                            clusters[local])
 
 
@@ -127,6 +133,10 @@ class PooledFederation:
     @property
     def store(self) -> FeatureStore:
         return self.federation.store
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        return self.federation.client_sizes.sum(keepdims=True)
 
     def shard(self, client: int) -> ClientShard:
         return self.federation.pooled_shard()

@@ -41,14 +41,33 @@ class ClientSettings:
     report_prototypes: bool = False  # send per-cluster prototypes and update geometry (RCSR)
     num_clusters: int = 1  # prototype slots: the partition's clusters (the server folds them for "global")
 
+    @property
+    def keeps_client_state(self) -> bool:
+        """Whether an update reads or writes state the client keeps between rounds; if not, any
+        worker can run it, which lets a backend balance a round's work over its workers."""
+        return self.mode == "local" or self.personal or self.moon_mu > 0
+
     @classmethod
     def from_config(cls, cfg: Config, mode: str = "global", **extra) -> "ClientSettings":
         t = cfg.train
         return cls(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.temperature, mode=mode, **extra)
 
 
+class _PicklesTensorsAsArrays:
+    """Pickled with its tensors as numpy arrays: torch pickles a tensor's storage through
+    `torch.save`, which made collecting a round's updates from Ray actors cost 5-10x more than the
+    same bytes as arrays (which Ray moves out-of-band). Tensors are CPU tensors here, and come back
+    as writable copies (Ray hands out read-only views of its object store)."""
+
+    def __getstate__(self):
+        return {k: _map_tensors(v, lambda t: t.detach().numpy()) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        self.__dict__.update({k: _map_tensors(v, None) for k, v in state.items()})
+
+
 @dataclass
-class GlobalState:
+class GlobalState(_PicklesTensorsAsArrays):
     """What the server broadcasts each round (one object-store put)."""
 
     params: torch.Tensor
@@ -56,7 +75,7 @@ class GlobalState:
 
 
 @dataclass
-class ClientUpdate:
+class ClientUpdate(_PicklesTensorsAsArrays):
     client_id: int
     modality: int
     num_samples: int
@@ -65,7 +84,7 @@ class ClientUpdate:
     steps: int = 0
     params: torch.Tensor | None = None  # only in "local" mode
     prototypes: dict[str, torch.Tensor] | None = None  # image_sum, image_count, text_sum, text_count
-    geometry: torch.Tensor | None = None  # update norm, image share of it, cos to previous update, norm/sqrt(n)
+    geometry: torch.Tensor | None = None  # update norm, image share of it, norm/sqrt(n) (RCSR)
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -110,6 +129,11 @@ class ClientWorker:
             self.state[client] = {}
         return self.shards[client]
 
+    def forget(self, client: int) -> None:
+        """Drop a client's data and (empty) state: a client this worker ran only as a guest."""
+        for held in (self.shards, self.inputs, self.state):
+            held.pop(client, None)
+
     def _tensors(self, shard: ClientShard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A shard's images, captions and cluster slots as tensors on the device; moved there once for
         the shards this worker keeps."""
@@ -147,7 +171,7 @@ class ClientWorker:
             update = ClientUpdate(client, shard.modality, shard.num_images, new - start, loss, steps)
             if settings.report_prototypes:
                 update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
-                update.geometry = self._geometry(update.delta, own, shard.num_images)
+                update.geometry = self._geometry(update.delta, shard.num_images)
         finally:
             torch.set_num_threads(prev_threads)
         if settings.mode == "local":
@@ -260,14 +284,13 @@ class ClientWorker:
             out["text_count"] = torch.bincount(cap_slots, minlength=num_slots).float()
         return _to(out, "cpu")
 
-    def _geometry(self, delta: torch.Tensor, own: dict, n: int) -> torch.Tensor:
+    def _geometry(self, delta: torch.Tensor, n: int) -> torch.Tensor:
+        """Update norm, the image adapter's share of it, norm / sqrt(samples). The server adds the
+        cosine to the client's previous update, which it saw, so clients keep no state for it."""
         norm = delta.norm()
         img_norm, txt_norm = delta[:self.model.image_numel].norm(), delta[self.model.image_numel:].norm()
-        prev = own.get("prev_delta")
-        cos = F.cosine_similarity(delta, prev, dim=0) if prev is not None else delta.new_zeros(())
-        own["prev_delta"] = delta
         # The image share of the update norm stays bounded for unimodal clients, unlike a ratio.
-        return torch.stack([norm, img_norm / (img_norm + txt_norm + 1e-12), cos, norm / n ** 0.5]).float()
+        return torch.stack([norm, img_norm / (img_norm + txt_norm + 1e-12), norm / n ** 0.5]).float()
 
 
 def _chunked(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -275,6 +298,20 @@ def _chunked(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     if chunk is None or len(x) <= chunk:
         return fn(x)
     return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def _map_tensors(obj, to_array):
+    """`obj` (inside dicts, lists, tuples) with tensors turned into arrays by `to_array`, or, when
+    `to_array` is None, numpy arrays turned back into (copied, writable) tensors."""
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, to_array) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, to_array) for v in obj)
+    if to_array is not None and isinstance(obj, torch.Tensor):
+        return to_array(obj)
+    if to_array is None and isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    return obj
 
 
 def _to(obj, device):

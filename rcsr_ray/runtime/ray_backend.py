@@ -1,8 +1,11 @@
 """The Ray backend: client actors that run the same client update as the local backend.
 
-Clients are assigned to actors in contiguous blocks; an actor reads its clients' rows from the
-feature store (memmaps, shared through the page cache) once and keeps them. The global adapters go
-through the object store once per round (`ray.put`), not once per client.
+Clients are assigned to actors in contiguous blocks (their home); an actor reads its clients' rows
+from the feature store (memmaps, shared through the page cache) once and keeps them, with their
+private state. When a round's updates keep no client state, its clients are rebalanced by work
+(training images) over the actors, preferring each client's home: a client run elsewhere is a
+guest there, read for that update and dropped after it. The global adapters go through the object
+store once per round (`ray.put`), not once per client.
 """
 from __future__ import annotations
 
@@ -46,10 +49,11 @@ class ClientActor:
     Ray cannot promise to restart an actor whose constructor arguments live in the object store, so
     a restarted actor comes back empty and the backend attaches it again."""
 
-    def __init__(self, bottleneck: int, torch_threads: int, faults: str):
+    def __init__(self, bottleneck: int, torch_threads: int, faults: str, home: range):
         torch.set_num_threads(torch_threads)
         self.bottleneck, self.torch_threads = bottleneck, torch_threads
         self.faults = parse_faults(faults)
+        self.home = home  # the clients whose data and state this actor keeps
         self.worker: ClientWorker | None = None
 
     def attach(self, federation) -> None:
@@ -57,8 +61,12 @@ class ClientActor:
 
     def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
               round_idx: int, attempt: int):
-        return run_clients(self.worker, clients, state, settings, seed, round_idx, attempt, self.faults,
-                           in_process=False)
+        results = run_clients(self.worker, clients, state, settings, seed, round_idx, attempt, self.faults,
+                              in_process=False)
+        for c in clients:
+            if c not in self.home:
+                self.worker.forget(c)
+        return results
 
     def ready(self) -> bool:
         """Whether the actor holds its clients (False after a restart)."""
@@ -88,6 +96,27 @@ def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clien
     return math.ceil(num_clients / min(slots, num_clients))
 
 
+def balance_work(groups: dict[int, list[int]], work, num_actors: int) -> dict[int, list[int]]:
+    """Move clients from the most to the least loaded actor while a move narrows the gap between
+    them, picking the client whose work is closest to half the gap. Starts from `groups` (each
+    client at home), so few clients move; deterministic (ties go to the lower id)."""
+    groups = {a: sorted(groups.get(a, [])) for a in range(num_actors)}
+    loads = {a: sum(int(work[c]) for c in cs) for a, cs in groups.items()}
+    while True:
+        hi = max(loads, key=lambda a: (loads[a], -a))
+        lo = min(loads, key=lambda a: (loads[a], a))
+        gap = loads[hi] - loads[lo]
+        # Each move lowers the sum of squared loads, so this ends.
+        movable = [c for c in groups[hi] if 0 < work[c] < gap]
+        if not movable:
+            return {a: cs for a, cs in groups.items() if cs}
+        c = min(movable, key=lambda c: (abs(gap - 2 * int(work[c])), c))
+        groups[hi].remove(c)
+        groups[lo] = sorted(groups[lo] + [c])
+        loads[hi] -= int(work[c])
+        loads[lo] += int(work[c])
+
+
 def client_gpu_share(cfg: Config, cluster_gpus: float) -> float:
     """runtime.client_gpus where the cluster has GPUs, else 0 (the same config runs on a laptop)."""
     return cfg.runtime.client_gpus if cluster_gpus > 0 else 0.0
@@ -110,6 +139,7 @@ class RayBackend:
         # One copy of the federation in the object store, held for the backend's lifetime, so that
         # restarted actors can be attached again.
         self.federation_ref = ray.put(federation)
+        self.work = federation.client_sizes  # a client's training images: its share of a round's work
         self.actors = []
         for first in range(0, n, self.per_actor):
             last = min(first + self.per_actor, n) - 1
@@ -118,7 +148,7 @@ class RayBackend:
             options = dict(name=name, namespace=namespace, num_cpus=rt.client_cpus, num_gpus=gpus,
                            max_restarts=rt.max_restarts, max_task_retries=0)
             self.actors.append(ClientActor.options(**options).remote(
-                cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults))
+                cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1)))
         ray.get([a.attach.remote(self.federation_ref) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
@@ -129,20 +159,27 @@ class RayBackend:
         timeout loses its clients for this round (and is killed so that Ray restarts it)."""
         self._await_restarts()
         state_ref = ray.put(state)
+        groups = self._by_actor(clients)
+        if not settings.keeps_client_state:
+            groups = sorted(balance_work(dict(groups), self.work, len(self.actors)).items())
         pending = {self.actors[a].train.remote(state_ref, cs, settings, seed, round_idx, attempt): (a, cs)
-                   for a, cs in self._by_actor(clients)}
-        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.timeout)
+                   for a, cs in groups}
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         results = []
-        for ref in ready:
+        # Collect each actor's updates as it finishes, while the others still train.
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                break
+            actor, cs = pending.pop(ready[0])
             try:
-                results.extend(ray.get(ref))
+                results.extend(ray.get(ready[0]))
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                log.warning("actor for clients %s failed in round %d: %s", pending[ref][1], round_idx,
-                            type(exc).__name__)
-                results.extend(ClientFailure(c, type(exc).__name__) for c in pending[ref][1])
-                self.restarting.add(pending[ref][0])
-        for ref in late:
-            actor, cs = pending[ref]
+                log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, type(exc).__name__)
+                results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
+                self.restarting.add(actor)
+        for actor, cs in pending.values():
             log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
             ray.kill(self.actors[actor], no_restart=False)
             self.restarting.add(actor)
