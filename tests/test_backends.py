@@ -52,44 +52,62 @@ def test_unimodal_clients_sit_out_fedavg(small_config):
     assert metrics["trained_clients"] == 3
 
 
-def test_balance_work_moves_few_clients_toward_equal_loads():
-    from rcsr_ray.runtime.ray_backend import balance_work
+def test_round_schedule_hands_out_home_first_then_takes_over():
+    from rcsr_ray.runtime.schedule import RoundSchedule
 
-    work = np.array([10, 10, 10, 10, 0, 10, 3])
-    # Actor 0 holds 40, actor 1 holds 10: one 10 moves (the gap drops 30 -> 10); then nothing
-    # smaller than the gap is left on the heavier actor.
-    assert balance_work({0: [0, 1, 2, 3], 1: [5]}, work, 2) == {0: [1, 2, 3], 1: [0, 5]}
-    # The 3 brings 13 vs 10 to 10 vs 13 at best: no move narrows the gap, everyone stays home.
-    assert balance_work({0: [5, 6], 1: [0]}, work, 2) == {0: [5, 6], 1: [0]}
-    # An idle actor gets work; a zero-work client never moves; one actor: nothing to balance.
-    assert balance_work({0: [0, 1, 4]}, work, 2) == {0: [1, 4], 1: [0]}
-    assert balance_work({0: [0, 1, 2]}, work, 1) == {0: [0, 1, 2]}
+    work = np.array([4, 1, 2, 8, 0, 3])
+    s = RoundSchedule({0: [0, 1, 2, 3], 1: [5]}, work, 2, steal=True)
+    # Worker 0's own clients, largest first; a chunk is at most half a worker's fair share of the
+    # work left (18 / 4 = 4.5), and at least one client.
+    assert s.next_chunk(0) == [3]
+    assert s.next_chunk(1) == [5]
+    # Worker 1 is done with its own: it takes worker 0's smallest (1, then 2) within 7 / 4.
+    assert s.next_chunk(1) == [1]
+    assert s.next_chunk(0) == [0]
+    assert s.next_chunk(1) == [2]
+    assert s.next_chunk(0) == [] and s.next_chunk(1) == [] and s.remaining() == []
+    # Without stealing (updates keep client state) a worker only ever runs its own clients; a
+    # failed worker gets nothing more, and what it never started is left over.
+    s = RoundSchedule({0: [0, 1], 1: [5]}, work, 2, steal=False)
+    assert s.next_chunk(1) == [5] and s.next_chunk(1) == []
+    s.close(0)
+    assert s.next_chunk(0) == [] and s.remaining() == [0, 1]
+    # With stealing, the failed worker's clients go to the others (smallest first, 5 / 2 per chunk).
+    s = RoundSchedule({0: [0, 4, 1], 1: []}, work, 2, steal=True)
+    s.close(0)
+    assert s.next_chunk(1) == [4, 1] and s.next_chunk(1) == [0] and s.remaining() == []
 
 
-def test_stateless_rounds_are_rebalanced_and_stay_identical(small_config, ray_session):
-    """RCSR without personal adapters keeps no client state, so the Ray backend balances its rounds
-    over the actors and runs some clients away from home; results stay bit-identical to local."""
+def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_session):
+    """RCSR without personal adapters keeps no client state: an actor done with its own clients
+    runs some of another's, and the results stay bit-identical to the local backend."""
     from rcsr_ray.data.federation import build_federation
     from rcsr_ray.fl.strategy import make_strategy
-    from rcsr_ray.runtime.ray_backend import balance_work
+    from rcsr_ray.models.adapters import initial_params
+    from rcsr_ray.runtime.backends import LocalBackend
+    from rcsr_ray.runtime.ray_backend import RayBackend
 
-    keys = {"fed.method": "rcsr", "partition.alpha": 0.1, "partition.missing_rate": 0.5}
+    # Actor 0 is home to clients 0-4, actor 1 to client 5 alone: actor 1 runs out of work first.
+    keys = {"fed.method": "rcsr", "partition.alpha": 0.1, "partition.missing_rate": 0.5,
+            "fed.participation": 1.0, "runtime.clients_per_actor": 5}
     cfg = small_config(**keys)
     fed = build_federation(cfg)
-    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
-    assert not strategy.client_settings(1).keeps_client_state
-    assert make_strategy(small_config(**keys, **{"rcsr.personal": True}), fed.num_clients,
-                         fed.partition.num_clusters, fed.store.dim).client_settings(1).keeps_client_state
-    # The session's Ray has 2 CPUs: two actors of 3 clients; count the clients sent away from home.
-    moved = 0
-    for r in range(1, cfg.fed.rounds + 1):
-        home: dict[int, list[int]] = {}
-        for c in strategy.sample(r, fed.num_clients):
-            home.setdefault(int(c) // 3, []).append(int(c))
-        moved += sum(c // 3 != a for a, cs in balance_work(home, fed.client_sizes, 2).items() for c in cs)
-    assert moved > 0
-    local = run_simulation(cfg, progress=False)
-    ray_run = run_simulation(small_config(**keys, **{"runtime.backend": "ray"}), progress=False)
-    assert torch.equal(local.params, ray_run.params)
-    drop = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
-    assert [drop(r) for r in local.metrics] == [drop(r) for r in ray_run.metrics]
+    assert not make_strategy(cfg, 6, fed.partition.num_clusters, fed.store.dim).client_settings(1).keeps_client_state
+    assert make_strategy(small_config(**keys, **{"rcsr.personal": True}), 6, fed.partition.num_clusters,
+                         fed.store.dim).client_settings(1).keeps_client_state
+    params = {}
+    backends = {"local": LocalBackend(fed, cfg), "ray": RayBackend(fed, cfg)}
+    try:
+        for name, backend in backends.items():
+            strategy = make_strategy(cfg, 6, fed.partition.num_clusters, fed.store.dim)
+            p = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
+            for r in range(1, cfg.fed.rounds + 1):
+                updates, failed = backend.train(strategy.broadcast(r, p), strategy.sample(r, 6),
+                                                strategy.client_settings(r), cfg.seed, r)
+                assert failed == [] and len(updates) == 6
+                p, _ = strategy.aggregate(r, p, updates)
+            params[name] = p
+        assert backends["ray"].guest_updates > 0
+    finally:
+        backends["ray"].shutdown()
+    assert torch.equal(params["local"], params["ray"])

@@ -80,16 +80,21 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
         state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
 
-        # Round 1: the actor holding clients 0-2 is killed mid-round; the other three finish.
+        # Round 1: the actor holding clients 0-2 is killed mid-round, while client 1 hangs on it; the
+        # clients it was running are dropped, and the other actor takes over those it had not
+        # started (FedAvg keeps no client state), so the round completes with everyone else.
         killer = threading.Timer(3.0, lambda: ray.kill(backend.actors[0], no_restart=False))
         killer.start()
         updates, failed = backend.train(state, range(6), settings, cfg.seed, 1)
         killer.join()
-        assert failed == [0, 1, 2] and [u.client_id for u in updates] == [3, 4, 5]
-        # Round 2: client 4 hangs past the round timeout; its actor is killed and restarted.
+        assert 1 in failed and set(failed) <= {0, 1, 2}
+        assert sorted(failed + [u.client_id for u in updates]) == list(range(6))
+        # Round 2: client 4 hangs past the round timeout; its actor is killed and restarted, and
+        # the clients it held (its own, or others' it had taken over and queued) are dropped.
         backend.timeout = 15
         updates, failed = backend.train(state, range(6), settings, cfg.seed, 2)
-        assert failed == [3, 4, 5] and [u.client_id for u in updates] == [0, 1, 2]
+        assert 4 in failed and len(updates) >= 2
+        assert sorted(failed + [u.client_id for u in updates]) == list(range(6))
         # Round 3: both restarted actors serve again.
         updates, failed = backend.train(state, range(6), settings, cfg.seed, 3)
         assert failed == [] and len(updates) == 6

@@ -69,10 +69,9 @@ class Federation:
     def num_clients(self) -> int:
         return self.partition.num_clients
 
-    @cached_property
-    def client_sizes(self) -> np.ndarray:
-        """Training images per client."""
-        return np.array([len(ix) for ix in self.partition.client_indices], np.int64)
+    def client_profile(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each client's modality and training images: what its update costs."""
+        return self.partition.modality, self.partition.client_sizes()
 
     def shard(self, client: int) -> ClientShard:
         local = self.partition.client_indices[client]  # positions within the train split
@@ -134,9 +133,8 @@ class PooledFederation:
     def store(self) -> FeatureStore:
         return self.federation.store
 
-    @property
-    def client_sizes(self) -> np.ndarray:
-        return self.federation.client_sizes.sum(keepdims=True)
+    def client_profile(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([PAIRED]), self.federation.partition.client_sizes().sum(keepdims=True)
 
     def shard(self, client: int) -> ClientShard:
         return self.federation.pooled_shard()

@@ -2,10 +2,11 @@
 
 Clients are assigned to actors in contiguous blocks (their home); an actor reads its clients' rows
 from the feature store (memmaps, shared through the page cache) once and keeps them, with their
-private state. When a round's updates keep no client state, its clients are rebalanced by work
-(training images) over the actors, preferring each client's home: a client run elsewhere is a
-guest there, read for that update and dropped after it. The global adapters go through the object
-store once per round (`ray.put`), not once per client.
+private state. A round's clients are handed out a chunk at a time (`schedule.RoundSchedule`); when
+its updates keep no client state, an actor done with its own clients takes over some of another's,
+as a guest: it reads their data for that update and drops it after. The global adapters go through
+the object store once per round (`ray.put`), not once per client; each chunk's updates are read
+while the actor runs its next chunk.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from rcsr_ray.config import Config, parse_faults
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
 from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
+from rcsr_ray.runtime.schedule import RoundSchedule
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,19 @@ class ClientActor:
         self.bottleneck, self.torch_threads = bottleneck, torch_threads
         self.faults = parse_faults(faults)
         self.home = home  # the clients whose data and state this actor keeps
+        self.state_ref, self.state = None, None  # the current round's global state
         self.worker: ClientWorker | None = None
 
     def attach(self, federation) -> None:
         self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=actor_device())
 
-    def train(self, state: GlobalState, clients: list[int], settings: ClientSettings, seed: int,
+    def train(self, state: list, clients: list[int], settings: ClientSettings, seed: int,
               round_idx: int, attempt: int):
-        results = run_clients(self.worker, clients, state, settings, seed, round_idx, attempt, self.faults,
+        """`state`: [the round's GlobalState ref], wrapped so that Ray does not fetch and unpickle it
+        again for each of the round's chunks; it is read once per round here."""
+        if self.state_ref is None or self.state_ref.hex() != state[0].hex():
+            self.state_ref, self.state = state[0], ray.get(state[0])
+        results = run_clients(self.worker, clients, self.state, settings, seed, round_idx, attempt, self.faults,
                               in_process=False)
         for c in clients:
             if c not in self.home:
@@ -96,27 +103,6 @@ def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clien
     return math.ceil(num_clients / min(slots, num_clients))
 
 
-def balance_work(groups: dict[int, list[int]], work, num_actors: int) -> dict[int, list[int]]:
-    """Move clients from the most to the least loaded actor while a move narrows the gap between
-    them, picking the client whose work is closest to half the gap. Starts from `groups` (each
-    client at home), so few clients move; deterministic (ties go to the lower id)."""
-    groups = {a: sorted(groups.get(a, [])) for a in range(num_actors)}
-    loads = {a: sum(int(work[c]) for c in cs) for a, cs in groups.items()}
-    while True:
-        hi = max(loads, key=lambda a: (loads[a], -a))
-        lo = min(loads, key=lambda a: (loads[a], a))
-        gap = loads[hi] - loads[lo]
-        # Each move lowers the sum of squared loads, so this ends.
-        movable = [c for c in groups[hi] if 0 < work[c] < gap]
-        if not movable:
-            return {a: cs for a, cs in groups.items() if cs}
-        c = min(movable, key=lambda c: (abs(gap - 2 * int(work[c])), c))
-        groups[hi].remove(c)
-        groups[lo] = sorted(groups[lo] + [c])
-        loads[hi] -= int(work[c])
-        loads[lo] += int(work[c])
-
-
 def client_gpu_share(cfg: Config, cluster_gpus: float) -> float:
     """runtime.client_gpus where the cluster has GPUs, else 0 (the same config runs on a laptop)."""
     return cfg.runtime.client_gpus if cluster_gpus > 0 else 0.0
@@ -139,7 +125,7 @@ class RayBackend:
         # One copy of the federation in the object store, held for the backend's lifetime, so that
         # restarted actors can be attached again.
         self.federation_ref = ray.put(federation)
-        self.work = federation.client_sizes  # a client's training images: its share of a round's work
+        self.client_profile = federation.client_profile()
         self.actors = []
         for first in range(0, n, self.per_actor):
             last = min(first + self.per_actor, n) - 1
@@ -152,6 +138,7 @@ class RayBackend:
         ray.get([a.attach.remote(self.federation_ref) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
+        self.guest_updates = 0  # client updates run away from the client's home actor
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
@@ -159,14 +146,23 @@ class RayBackend:
         timeout loses its clients for this round (and is killed so that Ray restarts it)."""
         self._await_restarts()
         state_ref = ray.put(state)
-        groups = self._by_actor(clients)
-        if not settings.keeps_client_state:
-            groups = sorted(balance_work(dict(groups), self.work, len(self.actors)).items())
-        pending = {self.actors[a].train.remote(state_ref, cs, settings, seed, round_idx, attempt): (a, cs)
-                   for a, cs in groups}
+        schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
+                                 len(self.actors), steal=not settings.keeps_client_state)
+        pending: dict = {}  # task -> (actor, its clients)
+
+        def hand_out(actor: int) -> None:
+            chunk = schedule.next_chunk(actor)
+            if chunk:
+                ref = self.actors[actor].train.remote([state_ref], chunk, settings, seed, round_idx, attempt)
+                pending[ref] = (actor, chunk)
+                self.guest_updates += sum(c // self.per_actor != actor for c in chunk)
+
+        # Two chunks queued per actor, so an actor never waits for the driver between chunks.
+        for _ in range(2):
+            for actor in range(len(self.actors)):
+                hand_out(actor)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         results = []
-        # Collect each actor's updates as it finishes, while the others still train.
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
@@ -174,16 +170,28 @@ class RayBackend:
                 break
             actor, cs = pending.pop(ready[0])
             try:
-                results.extend(ray.get(ready[0]))
+                part = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, type(exc).__name__)
                 results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
                 self.restarting.add(actor)
+                schedule.close(actor)
+                # Actors that have run dry may take over what the failed one had not started.
+                busy = [a for a, _ in pending.values()]
+                for other in range(len(self.actors)):
+                    for _ in range(2 - busy.count(other)):
+                        hand_out(other)
+                continue
+            hand_out(actor)  # before reading the results: the actor works meanwhile
+            results.extend(part)
         for actor, cs in pending.values():
             log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
             ray.kill(self.actors[actor], no_restart=False)
             self.restarting.add(actor)
             results.extend(ClientFailure(c, "timeout") for c in cs)
+        # Clients never started: their actor failed (and nobody could take them over) or time ran out.
+        reason = "timeout" if pending else "actor failed"
+        results.extend(ClientFailure(c, reason) for c in schedule.remaining())
         updates, failed = split_results(results)
         return sorted(updates, key=lambda u: u.client_id), sorted(failed)
 

@@ -1,0 +1,56 @@
+"""Handing a round's clients to workers a chunk at a time (no Ray here, so it is testable alone).
+
+Each worker starts on its home clients (where their data and state live), largest first. A worker
+asks for its next chunk when the last one is done, so a worker that runs slow (a busy core, a
+bigger client) simply gets less. When updates keep no client state, a worker whose own clients are
+done takes the smallest remaining clients of the worker with the most work left. Chunks shrink as
+the round drains (guided self-scheduling: half a worker's fair share of the work left), so the
+round's last chunks are single small clients and the workers finish together.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+class RoundSchedule:
+    def __init__(self, home: dict[int, list[int]], work: np.ndarray, num_workers: int, steal: bool):
+        """`home`: worker -> its clients sampled this round; `work`: every client's relative cost."""
+        self.work = np.asarray(work, np.float64)
+        self.steal = steal
+        self.queues = {w: deque(sorted(home.get(w, []), key=lambda c: (-self.work[c], c)))
+                       for w in range(num_workers)}
+        self.left = {w: float(sum(self.work[c] for c in q)) for w, q in self.queues.items()}
+        self.closed: set[int] = set()  # workers that failed this round: they get nothing more
+
+    def next_chunk(self, worker: int) -> list[int]:
+        """The clients `worker` should run next ([] when there is nothing for it)."""
+        if worker in self.closed:
+            return []
+        source, take = worker, deque.popleft  # own clients: largest first
+        if not self.queues[worker]:
+            if not self.steal:
+                return []
+            busy = [w for w, q in self.queues.items() if q]
+            if not busy:
+                return []
+            source = max(busy, key=lambda w: (self.left[w], -w))
+            take = deque.pop  # someone else's: smallest first, leaving them their big ones
+        open_workers = max(1, len(self.queues) - len(self.closed))
+        target = sum(self.left.values()) / (2 * open_workers)
+        queue, chunk, size = self.queues[source], [], 0.0
+        while queue and (not chunk or size + self.work[queue[0 if take is deque.popleft else -1]] <= target):
+            c = take(queue)
+            chunk.append(c)
+            size += self.work[c]
+        self.left[source] -= size
+        return chunk
+
+    def close(self, worker: int) -> None:
+        """`worker` failed: it gets no more clients (with stealing, the others take its queue)."""
+        self.closed.add(worker)
+
+    def remaining(self) -> list[int]:
+        """Clients never handed out."""
+        return sorted(c for q in self.queues.values() for c in q)
