@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import threading
 import time
 
 from pathlib import Path
 
-from round_overhead import seconds_per_round
+from round_overhead import Run
 
 from rcsr_ray.config import load_config
 from rcsr_ray.data.federation import open_store
@@ -103,7 +104,13 @@ def measure(clients: int, participants: int, rounds: int, warmup: int) -> tuple[
     open_store(load_config(overrides=workload(clients, participants)))  # generated once, then cached
     t0 = time.perf_counter()
     with PeakPSS() as pss:
-        sec, _ = seconds_per_round(workload(clients, participants), rounds, warmup)
+        run = Run(workload(clients, participants))
+        try:
+            for r in range(1, rounds + 1):
+                run.round(r)
+        finally:
+            run.backend.shutdown()
+        sec = statistics.median(run.times[warmup:])
     print(f"{clients} clients, largest processes at peak (GB): {pss.top()}")
     return sec, pss.peak / 2**30, time.perf_counter() - t0
 

@@ -175,3 +175,30 @@ def test_personal_switch_changes_only_personal_adapters(small_config):
     paired = [int(c) for c in np.flatnonzero(fed.partition.modality == PAIRED)]
     assert all("personal" in worker_on.state[c] for c in paired)
     assert not any("personal" in s for s in worker_off.state.values())
+
+
+def test_server_computes_cosine_to_each_clients_previous_update(small_config):
+    """Update geometry: the client reports norm, image share and norm / sqrt(n); the server adds the
+    cosine to that client's previous accepted update, which it keeps (clients keep nothing)."""
+    cfg, fed, strategy, worker = _setup(small_config)
+    params = worker.model.flat.clone()
+    first, _, _ = _round(strategy, worker, fed, params, 1, cfg)
+    trained = [u for u in first if u.delta is not None]
+    assert trained and all(worker.state[u.client_id] == {} for u in trained)
+    for u in trained:
+        assert u.geometry.shape == (3,)
+        torch.testing.assert_close(u.geometry[0], u.delta.norm())
+        torch.testing.assert_close(u.geometry[2], u.delta.norm() / u.num_samples ** 0.5)
+        assert strategy.previous_update[u.client_id][0] is u.delta
+    u = trained[0]
+    # A made-up next update of that client: the cosine to its first one, by hand.
+    nxt = ClientUpdate(u.client_id, u.modality, u.num_samples, 2 * u.delta + torch.roll(u.delta, 1))
+    nxt.geometry = torch.stack([nxt.delta.norm(), torch.tensor(0.5), nxt.delta.norm() / 3])
+    expected = float(nxt.delta.double() @ u.delta.double() / (nxt.delta.double().norm() * u.delta.double().norm()))
+    geometry = strategy.geometry(nxt)
+    assert geometry.shape == (4,) and 0.5 < expected < 1
+    assert math.isclose(float(geometry[2]), expected, rel_tol=1e-5)
+    assert float(geometry[1]) == 0.5
+    # A client never seen before has cosine 0.
+    unseen = ClientUpdate(10 ** 6, u.modality, 5, u.delta, geometry=u.geometry)
+    assert float(strategy.geometry(unseen)[2]) == 0.0
