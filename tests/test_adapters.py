@@ -1,4 +1,5 @@
 """The head adapters' hand-written backward and the flat gradient/optimizer."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +52,22 @@ def test_flat_gradient_and_optimizer_train_like_per_parameter_adamw():
     moved = (flat_model.flat - AdapterPair(24, 6, init_scale=0.1, seed=3).flat).abs().max()
     assert moved > 1e-3
     torch.testing.assert_close(flat_model.flat, plain_model.flat, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_views_survive_being_reset_and_second_derivatives_are_refused():
+    model = AdapterPair(24, 6, init_scale=0.1, seed=3)
+    img, txt = F.normalize(torch.randn(8, 24), dim=-1), F.normalize(torch.randn(8, 24), dim=-1)
+    opt = model.optimizer(lr=1e-2, weight_decay=0.0)
+    model.image.zero_grad()  # nn.Module's: sets the image adapter's gradients to None
+    opt.zero_grad()  # torch.optim's: sets flat.grad to None
+    model.zero_grad()  # ours: makes the views again
+    info_nce(*model.encode(img, txt), 0.1).backward()
+    assert model.image.down.weight.grad.abs().sum() > 0
+    assert torch.equal(model.flat.grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    before = model.flat.clone()
+    opt.step()
+    assert (model.flat - before)[:model.image_numel].abs().max() > 0
+    x = torch.randn(4, 24, requires_grad=True)
+    (g,) = torch.autograd.grad(model.image(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

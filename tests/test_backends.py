@@ -76,6 +76,13 @@ def test_round_schedule_hands_out_home_first_then_takes_over():
     s = RoundSchedule({0: [0, 4, 1], 1: []}, work, 2, steal=True)
     s.close(0)
     assert s.next_chunk(1) == [4, 1] and s.next_chunk(1) == [0] and s.remaining() == []
+    # A worker that died hands back the chunk it never started; the others take it over.
+    s = RoundSchedule({0: [0, 1], 1: [5]}, work, 2, steal=True)
+    assert s.next_chunk(0) == [0]
+    s.close(0)
+    s.give_back(0, [0])
+    assert s.next_chunk(1) == [5] and s.next_chunk(1) == [0] and s.next_chunk(1) == [1]
+    assert s.next_chunk(1) == [] and s.remaining() == []
 
 
 def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_session):

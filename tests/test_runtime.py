@@ -85,6 +85,7 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         # started (FedAvg keeps no client state), so the round completes with everyone else.
         killer = threading.Timer(3.0, lambda: ray.kill(backend.actors[0], no_restart=False))
         killer.start()
+        backend.timeout = 60  # bounds the test should client 1 ever run elsewhere and hang there
         updates, failed = backend.train(state, range(6), settings, cfg.seed, 1)
         killer.join()
         assert 1 in failed and set(failed) <= {0, 1, 2}
@@ -98,5 +99,32 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         # Round 3: both restarted actors serve again.
         updates, failed = backend.train(state, range(6), settings, cfg.seed, 3)
         assert failed == [] and len(updates) == 6
+    finally:
+        backend.shutdown()
+
+
+def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
+    """An actor past runtime.max_restarts is left out of later rounds; with updates that keep no
+    client state, the other actor runs its clients too."""
+    import ray
+
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.strategy import make_strategy
+    from rcsr_ray.models.adapters import initial_params
+    from rcsr_ray.runtime.ray_backend import RayBackend
+
+    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3, "runtime.max_restarts": 0})
+    fed = build_federation(cfg)
+    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    backend = RayBackend(fed, cfg)
+    try:
+        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
+        state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
+        ray.kill(backend.actors[0], no_restart=True)
+        backend.restarting.add(0)  # as after a failed round
+        updates, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        assert backend.gone == {0}
+        assert failed == [] and [u.client_id for u in updates] == list(range(6))
+        assert backend.guest_updates == 3  # clients 0-2, away from their home actor
     finally:
         backend.shutdown()

@@ -63,14 +63,15 @@ class ClientSettings:
 class _PicklesTensorsAsArrays:
     """Pickled with its tensors as numpy arrays: torch pickles a tensor's storage through
     `torch.save`, which made collecting a round's updates from Ray actors cost 5-10x more than the
-    same bytes as arrays (which Ray moves out-of-band). Tensors are CPU tensors here, and come back
-    as writable copies (Ray hands out read-only views of its object store)."""
+    same bytes as arrays (which Ray moves out-of-band). Tensors arrive on the CPU as writable copies
+    (Ray hands out read-only views of its object store); these classes hold no numpy arrays."""
 
     def __getstate__(self):
-        return {k: _map_tensors(v, lambda t: t.detach().numpy()) for k, v in self.__dict__.items()}
+        return _map_leaves(self.__dict__, lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
     def __setstate__(self, state):
-        self.__dict__.update({k: _map_tensors(v, None) for k, v in state.items()})
+        self.__dict__.update(_map_leaves(
+            state, lambda x: torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x))
 
 
 @dataclass
@@ -307,29 +308,18 @@ def _chunked(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
-def _map_tensors(obj, to_array):
-    """`obj` (inside dicts, lists, tuples) with tensors turned into arrays by `to_array`, or, when
-    `to_array` is None, numpy arrays turned back into (copied, writable) tensors."""
+def _map_leaves(obj, fn):
+    """`obj` with `fn` applied to everything inside its dicts, lists and tuples."""
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, to_array) for k, v in obj.items()}
+        return {k: _map_leaves(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, to_array) for v in obj)
-    if to_array is not None and isinstance(obj, torch.Tensor):
-        return to_array(obj)
-    if to_array is None and isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.array(obj))
-    return obj
+        return type(obj)(_map_leaves(v, fn) for v in obj)
+    return fn(obj)
 
 
 def _to(obj, device):
     """`obj` (tensors inside dicts, lists, tuples) with every tensor on `device`; no copy where already there."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
+    return _map_leaves(obj, lambda x: x.to(device) if isinstance(x, torch.Tensor) else x)
 
 
 def _batches(shard: ClientShard, s: ClientSettings, g: torch.Generator):

@@ -56,7 +56,7 @@ class FedAvg:
             # unusable); one reduction instead of an elementwise test and a second one.
             if not math.isfinite(float(u.delta.sum())):
                 self.rejected_total += 1
-                log.warning("client %d sent a non-finite update; rejected", u.client_id)
+                log.warning("client %d sent a non-finite (or overflowing) update; rejected", u.client_id)
                 continue
             keep.append(u)
         return keep
@@ -81,7 +81,7 @@ class FedAvg:
         """theta + sum_k w_k delta_k, summed in float64 in client-id order (deterministic)."""
         step = torch.zeros_like(params, dtype=torch.float64)
         for wk, u in zip(w.tolist(), ok):
-            step.add_(u.delta, alpha=wk)  # one fused float64 operation per client
+            step.add_(u.delta, alpha=wk)  # one call per client, accumulated in float64
         return params + step.to(params.dtype)
 
     def aggregate(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:

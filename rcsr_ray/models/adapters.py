@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class ResidualAdapter(nn.Module):
@@ -54,6 +55,7 @@ class _NormalizedResidual(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative through this would be wrong: refuse it
     def backward(ctx, grad_y):
         x, down_w, up_w, pre, hidden, y, norm = ctx.saved_tensors
         grad_z = (grad_y - y * (grad_y * y).sum(-1, keepdim=True)).div_(norm)
@@ -70,14 +72,24 @@ def share_flat(module: nn.Module, device: str | torch.device = "cpu") -> torch.T
     """
     params = list(module.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params]).to(device)
-    flat.grad = torch.zeros_like(flat)
     offset = 0
     for p in params:
         n = p.numel()
         p.data = flat[offset:offset + n].view_as(p)
+        offset += n
+    _attach_grads(params, flat)
+    return flat
+
+
+def _attach_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    """(Re)make `flat.grad` and every parameter's gradient a view into it."""
+    if flat.grad is None:
+        flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
         p.grad = flat.grad[offset:offset + n].view_as(p)
         offset += n
-    return flat
 
 
 class FlatAdapters(nn.Module):
@@ -90,11 +102,16 @@ class FlatAdapters(nn.Module):
 
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
         """A fresh AdamW over the flat buffer: one fused kernel per step instead of a dozen operations
-        per parameter."""
+        per parameter. Clear gradients with this module's `zero_grad`, not the optimizer's."""
         return torch.optim.AdamW([self.flat], lr=lr, weight_decay=weight_decay, fused=True)
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the flat gradient in place (setting gradients to None would detach them from it)."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient in place; `set_to_none` is ignored, since gradients set to None
+        would no longer land in it. Views that something else replaced are made again."""
+        grad, params = self.flat.grad, list(self.parameters())
+        if grad is None or any(p.grad is None or p.grad.data_ptr() != grad.data_ptr() + p.data.data_ptr()
+                               - self.flat.data_ptr() for p in params):
+            _attach_grads(params, self.flat)
         self.flat.grad.zero_()
 
     def encode(self, image_in: torch.Tensor | None, text_in: torch.Tensor | None):

@@ -1,9 +1,10 @@
 """Checkpoints in the run folder: everything a run needs to continue bit-identically.
 
 Global adapters, strategy state (router, minimax weights, prototypes, ...), metrics so far,
-counters and every client's private state (personal adapters, optimizer state, previous
-updates). Client randomness derives from (seed, round, client id), so no RNG state is needed
-beyond what the strategy holds. Written atomically; a checkpoint of another config is ignored.
+counters and every client's private state (personal adapters and their optimizer state, MOON's
+previous model, local-only adapters). Client randomness derives from (seed, round, client id), so
+no RNG state is needed beyond what the strategy holds. Written atomically; a checkpoint of another
+config, or of an older layout of that state, is ignored.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from rcsr_ray.config import Config
 
 log = logging.getLogger(__name__)
 NAME = "checkpoint.pt"
+# Bumped whenever what a checkpoint holds changes shape (2: one flat AdamW state per personal
+# adapter set; RCSR's previous updates kept by the server), so an older file is not resumed wrongly.
+FORMAT = 2
 # Keys that may differ between the interrupted and the resumed invocation.
 _FREE = ("runtime.backend", "runtime.num_cpus", "runtime.address", "runtime.clients_per_actor",
          "runtime.client_cpus", "runtime.faults", "runtime.round_timeout_s")
@@ -27,7 +31,7 @@ def _identity(cfg: Config) -> dict:
     for key in _FREE:
         section, name = key.split(".")
         d[section].pop(name, None)
-    return d
+    return {"format": FORMAT, **d}
 
 
 def save(out_dir, cfg: Config, round_idx: int, params, rows, counts, strategy_state, client_state) -> Path:
@@ -46,6 +50,6 @@ def load(out_dir, cfg: Config) -> dict | None:
         return None
     ckpt = torch.load(path, weights_only=False)  # our own file: it holds optimizer and router objects
     if ckpt["config"] != _identity(cfg):
-        log.warning("%s was written by another config; starting afresh", path)
+        log.warning("%s was written by another config or version; starting afresh", path)
         return None
     return ckpt

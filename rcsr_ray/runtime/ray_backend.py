@@ -139,29 +139,38 @@ class RayBackend:
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
         self.guest_updates = 0  # client updates run away from the client's home actor
+        self.gone: set[int] = set()  # actors past runtime.max_restarts: they get no more clients
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
-        """Updates of the clients that finished in time; an actor that died or ran past the round
-        timeout loses its clients for this round (and is killed so that Ray restarts it)."""
+        """Updates of the clients that finished in time. The chunk an actor was running when it died
+        or ran past the round timeout is dropped from this round (a timed-out actor is killed, so
+        that Ray restarts it); what it had not started goes to the other actors when the updates
+        keep no client state, and is dropped otherwise."""
         self._await_restarts()
         state_ref = ray.put(state)
         schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
                                  len(self.actors), steal=not settings.keeps_client_state)
+        for actor in self.gone:
+            schedule.close(actor)
         pending: dict = {}  # task -> (actor, its clients)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
-        def hand_out(actor: int) -> None:
-            chunk = schedule.next_chunk(actor)
-            if chunk:
+        def expired() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
+
+        def fill(actor: int) -> None:
+            """Keep two chunks queued on `actor`, so that it never waits for the driver between chunks."""
+            while not expired() and sum(a == actor for a, _ in pending.values()) < 2:
+                chunk = schedule.next_chunk(actor)
+                if not chunk:
+                    return
                 ref = self.actors[actor].train.remote([state_ref], chunk, settings, seed, round_idx, attempt)
                 pending[ref] = (actor, chunk)
                 self.guest_updates += sum(c // self.per_actor != actor for c in chunk)
 
-        # Two chunks queued per actor, so an actor never waits for the driver between chunks.
-        for _ in range(2):
-            for actor in range(len(self.actors)):
-                hand_out(actor)
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for actor in range(len(self.actors)):
+            fill(actor)
         results = []
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -176,21 +185,24 @@ class RayBackend:
                 results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
                 self.restarting.add(actor)
                 schedule.close(actor)
-                # Actors that have run dry may take over what the failed one had not started.
-                busy = [a for a, _ in pending.values()]
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    # An actor runs its tasks in order: its later chunks never started.
+                    for ref, (a, later) in list(pending.items()):
+                        if a == actor:
+                            del pending[ref]
+                            schedule.give_back(actor, later)
                 for other in range(len(self.actors)):
-                    for _ in range(2 - busy.count(other)):
-                        hand_out(other)
+                    fill(other)
                 continue
-            hand_out(actor)  # before reading the results: the actor works meanwhile
+            fill(actor)  # before reading the results: the actor works meanwhile
             results.extend(part)
         for actor, cs in pending.values():
             log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
             ray.kill(self.actors[actor], no_restart=False)
             self.restarting.add(actor)
             results.extend(ClientFailure(c, "timeout") for c in cs)
-        # Clients never started: their actor failed (and nobody could take them over) or time ran out.
-        reason = "timeout" if pending else "actor failed"
+        # Clients never started: time ran out, or their actor failed and nobody could take them over.
+        reason = "timeout" if expired() else "actor failed"
         results.extend(ClientFailure(c, reason) for c in schedule.remaining())
         updates, failed = split_results(results)
         return sorted(updates, key=lambda u: u.client_id), sorted(failed)
@@ -207,6 +219,7 @@ class RayBackend:
                     break
                 except ray.exceptions.ActorDiedError:
                     log.warning("actor %d is gone for good (max_restarts reached)", a)
+                    self.gone.add(a)
                     break
                 except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                     if time.monotonic() > deadline:

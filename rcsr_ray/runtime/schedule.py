@@ -38,7 +38,8 @@ class RoundSchedule:
             source = max(busy, key=lambda w: (self.left[w], -w))
             take = deque.pop  # someone else's: smallest first, leaving them their big ones
         open_workers = max(1, len(self.queues) - len(self.closed))
-        target = sum(self.left.values()) / (2 * open_workers)
+        # Work the open workers can still get: without stealing, a closed worker's is nobody's.
+        target = sum(v for w, v in self.left.items() if self.steal or w not in self.closed) / (2 * open_workers)
         queue, chunk, size = self.queues[source], [], 0.0
         while queue and (not chunk or size + self.work[queue[0 if take is deque.popleft else -1]] <= target):
             c = take(queue)
@@ -50,6 +51,11 @@ class RoundSchedule:
     def close(self, worker: int) -> None:
         """`worker` failed: it gets no more clients (with stealing, the others take its queue)."""
         self.closed.add(worker)
+
+    def give_back(self, worker: int, clients: list[int]) -> None:
+        """Clients handed to `worker` that it never started (it died first)."""
+        self.queues[worker].extend(clients)
+        self.left[worker] += float(sum(self.work[c] for c in clients))
 
     def remaining(self) -> list[int]:
         """Clients never handed out."""
