@@ -18,7 +18,7 @@ from rcsr_ray.config import Config
 from rcsr_ray.data.federation import ClientShard
 from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.eval.retrieval import evaluate
-from rcsr_ray.models.adapters import AdapterPair, adapter_model, apply_adapters, initial_params
+from rcsr_ray.models.adapters import AdapterPair, adapter_model, apply_adapters, flat_views, initial_params
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class ClientWorker:
         model = self.model
         model.load_flat(start)
         params = list(model.parameters())
-        prox_targets = _views_like(global_params.to(self.device), params) if s.prox_mu > 0 else None
+        prox_targets = flat_views(global_params.to(self.device), params) if s.prox_mu > 0 else None
         moon = self._moon_references(global_params, own.get("moon_prev", global_params)) if s.moon_mu > 0 else None
         opt = model.optimizer(s.lr, s.weight_decay)
         # Batches are drawn on the CPU whatever the device, so every device sees the same batches.
@@ -394,11 +394,3 @@ def clip_anchor_loss(img, img_in, txt, txt_in) -> torch.Tensor:
     """Mean (1 - cos) between adapted and frozen embeddings: stops anchoring from collapsing instances."""
     terms = [(1 - F.cosine_similarity(a, x, dim=-1)).mean() for a, x in ((img, img_in), (txt, txt_in)) if a is not None]
     return torch.stack(terms).mean()
-
-
-def _views_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return views

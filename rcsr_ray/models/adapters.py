@@ -72,24 +72,27 @@ def share_flat(module: nn.Module, device: str | torch.device = "cpu") -> torch.T
     """
     params = list(module.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params]).to(device)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat[offset:offset + n].view_as(p)
-        offset += n
+    for p, view in zip(params, flat_views(flat, params)):
+        p.data = view
     _attach_grads(params, flat)
     return flat
+
+
+def flat_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` cut into consecutive views shaped like the tensors in `like`."""
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return views
 
 
 def _attach_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
     """(Re)make `flat.grad` and every parameter's gradient a view into it."""
     if flat.grad is None:
         flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat.grad[offset:offset + n].view_as(p)
-        offset += n
+    for p, view in zip(params, flat_views(flat.grad, params)):
+        p.grad = view
 
 
 class FlatAdapters(nn.Module):
@@ -109,8 +112,7 @@ class FlatAdapters(nn.Module):
         """Zero the flat gradient in place; `set_to_none` is ignored, since gradients set to None
         would no longer land in it. Views that something else replaced are made again."""
         grad, params = self.flat.grad, list(self.parameters())
-        if grad is None or any(p.grad is None or p.grad.data_ptr() != grad.data_ptr() + p.data.data_ptr()
-                               - self.flat.data_ptr() for p in params):
+        if grad is None or any(p.grad is None or p.grad._base is not grad for p in params):
             _attach_grads(params, self.flat)
         self.flat.grad.zero_()
 

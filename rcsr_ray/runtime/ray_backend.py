@@ -167,7 +167,7 @@ class RayBackend:
                     return
                 ref = self.actors[actor].train.remote([state_ref], chunk, settings, seed, round_idx, attempt)
                 pending[ref] = (actor, chunk)
-                self.guest_updates += sum(c // self.per_actor != actor for c in chunk)
+                self.guest_updates += sum(self._home(c) != actor for c in chunk)
 
         for actor in range(len(self.actors)):
             fill(actor)
@@ -235,7 +235,7 @@ class RayBackend:
     def load_client_state(self, states: dict[int, dict]) -> None:
         groups: dict[int, dict] = {}
         for c, s in states.items():
-            groups.setdefault(c // self.per_actor, {})[c] = s
+            groups.setdefault(self._home(c), {})[c] = s
         ray.get([self.actors[a].load_client_state.remote(g) for a, g in groups.items()])
 
     def evaluate_local(self, params: torch.Tensor, clients) -> list[dict]:
@@ -246,10 +246,15 @@ class RayBackend:
         by_client = {c: m for (_, cs), ms in zip(groups, results) for c, m in zip(cs, ms)}
         return [by_client[int(c)] for c in clients]
 
+    def _home(self, client: int) -> int:
+        """The actor that keeps the client's data and state."""
+        return int(client) // self.per_actor
+
     def _by_actor(self, clients) -> list[tuple[int, list[int]]]:
+        """Clients grouped by home actor."""
         groups: dict[int, list[int]] = {}
         for c in clients:
-            groups.setdefault(int(c) // self.per_actor, []).append(int(c))
+            groups.setdefault(self._home(c), []).append(int(c))
         return sorted(groups.items())
 
     def shutdown(self) -> None:

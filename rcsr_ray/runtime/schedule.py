@@ -21,31 +21,34 @@ class RoundSchedule:
         self.steal = steal
         self.queues = {w: deque(sorted(home.get(w, []), key=lambda c: (-self.work[c], c)))
                        for w in range(num_workers)}
-        self.left = {w: float(sum(self.work[c] for c in q)) for w, q in self.queues.items()}
         self.closed: set[int] = set()  # workers that failed this round: they get nothing more
+
+    def _left(self, worker: int) -> float:
+        """Work still queued for `worker`."""
+        return float(self.work[list(self.queues[worker])].sum())
 
     def next_chunk(self, worker: int) -> list[int]:
         """The clients `worker` should run next ([] when there is nothing for it)."""
         if worker in self.closed:
             return []
-        source, take = worker, deque.popleft  # own clients: largest first
+        source, end = worker, 0  # own clients from the front: largest first
         if not self.queues[worker]:
             if not self.steal:
                 return []
             busy = [w for w, q in self.queues.items() if q]
             if not busy:
                 return []
-            source = max(busy, key=lambda w: (self.left[w], -w))
-            take = deque.pop  # someone else's: smallest first, leaving them their big ones
+            # Someone else's from the back: smallest first, leaving them their big ones.
+            source, end = max(busy, key=lambda w: (self._left(w), -w)), -1
         open_workers = max(1, len(self.queues) - len(self.closed))
         # Work the open workers can still get: without stealing, a closed worker's is nobody's.
-        target = sum(v for w, v in self.left.items() if self.steal or w not in self.closed) / (2 * open_workers)
+        target = sum(self._left(w) for w in self.queues if self.steal or w not in self.closed) / (2 * open_workers)
         queue, chunk, size = self.queues[source], [], 0.0
-        while queue and (not chunk or size + self.work[queue[0 if take is deque.popleft else -1]] <= target):
-            c = take(queue)
+        take = queue.popleft if end == 0 else queue.pop
+        while queue and (not chunk or size + self.work[queue[end]] <= target):
+            c = take()
             chunk.append(c)
             size += self.work[c]
-        self.left[source] -= size
         return chunk
 
     def close(self, worker: int) -> None:
@@ -55,7 +58,6 @@ class RoundSchedule:
     def give_back(self, worker: int, clients: list[int]) -> None:
         """Clients handed to `worker` that it never started (it died first)."""
         self.queues[worker].extend(clients)
-        self.left[worker] += float(sum(self.work[c] for c in clients))
 
     def remaining(self) -> list[int]:
         """Clients never handed out."""
