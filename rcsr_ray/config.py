@@ -6,6 +6,7 @@ Every field carries its meaning inline; `rcsr-ray config` prints the resolved tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -292,7 +293,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
+@functools.cache
 def _field_types(cls) -> dict[str, Any]:
+    # Resolving annotations is most of a config's build time; sweeps build one per grid point.
     return typing.get_type_hints(cls)
 
 

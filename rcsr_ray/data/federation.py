@@ -51,6 +51,9 @@ class Federation:
     test_clusters: np.ndarray | None = None  # semantic cluster of each test image
     seed: int = 0
     local_test_images: int = 100
+    # Reading a client's shard is a cheap memmap gather, so a worker may run clients it does not
+    # keep (runtime/schedule.py); not so where a shard means decoding images (blocks mode).
+    shards_are_cheap = True
 
     @cached_property
     def store(self) -> FeatureStore:
@@ -128,6 +131,7 @@ class PooledFederation:
 
     federation: Federation
     num_clients: int = 1
+    shards_are_cheap = True
 
     @property
     def store(self) -> FeatureStore:

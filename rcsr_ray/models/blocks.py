@@ -109,7 +109,7 @@ class _Rows:
         return self.n
 
     def __getitem__(self, rows) -> np.ndarray:
-        return self.fn(np.arange(self.n)[rows])
+        return self.fn(np.asarray(rows))  # callers index with arrays of row numbers
 
 
 class InputStore:
@@ -181,6 +181,7 @@ class BlocksFederation(Federation):
     model_name: str = ""
     pretrained: str | None = None
     backbone_seed: int = 0
+    shards_are_cheap = False  # a shard's images are decoded and preprocessed on reading
 
     @cached_property
     def store(self) -> InputStore:

@@ -43,7 +43,9 @@ class GlobalEvaluator:
         self.captions = torch.from_numpy(np.asarray(store.caption_emb[test.caption_rows]))
         self.caption_image = test.caption_image
         self.protocol = cfg.eval.protocol
-        self.model = adapter_model(store, cfg.model.adapter.bottleneck)
+        a = cfg.model.adapter
+        # Built with the run's initial weights, which the loop takes as its starting point.
+        self.model = adapter_model(store, a.bottleneck, a.init_scale, cfg.seed)
 
     def __call__(self, params: torch.Tensor) -> dict:
         img, txt = apply_adapters(self.model, params, self.images, self.captions)
@@ -88,8 +90,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     strategy = make_strategy(cfg, federation.num_clients, federation.partition.num_clusters, store.dim)
     train_fed = PooledFederation(federation) if strategy.name == "central" else federation
     evaluator = GlobalEvaluator(inputs, cfg)
-    a = cfg.model.adapter
-    params = adapter_model(inputs, a.bottleneck, a.init_scale, cfg.seed).flat.clone()
+    params = evaluator.model.flat.clone()  # the run's initial adapters
     zeroshot = evaluator(params)
     rounds = cfg.fed.rounds if strategy.trains else 0
     rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
@@ -126,7 +127,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                 params, agg = strategy.aggregate(r, params, updates)
             else:
                 agg = strategy.round_metrics([])
-            agg["dropped_clients"] = len(failed)
+            agg["dropped_clients"] = dropped  # over every attempt, as summary.json and the metrics counter
             evaluate_now = r % cfg.eval.every == 0 or r == rounds
             if evaluate_now:
                 if strategy.name == "local":

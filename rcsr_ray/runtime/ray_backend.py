@@ -3,8 +3,9 @@
 Clients are assigned to actors in contiguous blocks (their home); an actor reads its clients' rows
 from the feature store (memmaps, shared through the page cache) once and keeps them, with their
 private state. A round's clients are handed out a chunk at a time (`schedule.RoundSchedule`); when
-its updates keep no client state, an actor done with its own clients takes over some of another's,
-as a guest: it reads their data for that update and drops it after. The global adapters go through
+its updates keep no client state and shards are cheap to read (not in blocks mode, which decodes
+images), an actor done with its own clients takes over some of another's, as a guest: it reads
+their data for that update and drops it after. The global adapters go through
 the object store once per round (`ray.put`), not once per client; each chunk's updates are read
 while the actor runs its next chunk.
 """
@@ -126,6 +127,7 @@ class RayBackend:
         # restarted actors can be attached again.
         self.federation_ref = ray.put(federation)
         self.client_profile = federation.client_profile()
+        self.shards_are_cheap = federation.shards_are_cheap
         self.actors = []
         for first in range(0, n, self.per_actor):
             last = min(first + self.per_actor, n) - 1
@@ -145,12 +147,12 @@ class RayBackend:
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
         """Updates of the clients that finished in time. The chunk an actor was running when it died
         or ran past the round timeout is dropped from this round (a timed-out actor is killed, so
-        that Ray restarts it); what it had not started goes to the other actors when the updates
-        keep no client state, and is dropped otherwise."""
+        that Ray restarts it); what it had not started goes to the other actors when they may take
+        it over (see the module docstring), and is dropped otherwise."""
         self._await_restarts()
         state_ref = ray.put(state)
         schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
-                                 len(self.actors), steal=not settings.keeps_client_state)
+                                 len(self.actors), steal=self.shards_are_cheap and not settings.keeps_client_state)
         for actor in self.gone:
             schedule.close(actor)
         pending: dict = {}  # task -> (actor, its clients)
