@@ -55,10 +55,15 @@ def small_config(cache_dir):
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1 (all held open until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +73,12 @@ def ray_session():
     address for the state API in `ray_session.address`."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    port = free_port()
+    (port,) = free_ports(1)
     # The dashboard serves the state API (actor listings); bound to loopback. Metrics are pushed
     # to the exporter every second instead of every ten, so tests see them quickly.
     context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000},
              configure_logging=False, log_to_driver=False)
     # Tests pass `address` to the state API: other Ray instances may run on this machine.
-    yield SimpleNamespace(ray=ray, metrics_port=port, address=context.address_info["gcs_address"])
+    yield SimpleNamespace(metrics_port=port, address=context.address_info["gcs_address"])
     ray.shutdown()

@@ -10,7 +10,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import SMALL
+from tests.conftest import SMALL, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("cluster.yaml", "local.yaml")
@@ -93,15 +92,6 @@ def test_config_installs_as_readme_and_keeps_dashboard_private(name):
 
 
 # -- a Ray head of the test's own, and a job on it ---------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,16 @@ import torch
 from rcsr_ray.data.store import StoreError
 from rcsr_ray.runtime.loop import run_simulation
 from rcsr_ray.runtime.ray_backend import plan_actors
+from tests.cluster_util import rcsr_samples
 
 
 def _scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
-def _sample(text: str, name: str, run: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and f'run="{run}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return None
+def _run_samples(text: str, run: str) -> dict[str, float]:
+    """The run's `ray_rcsr_*` samples in a Prometheus text, by metric name."""
+    return {name: value for name, labels, value in rcsr_samples(text) if labels.get("run") == run}
 
 
 def test_driver_actor_run_names_and_metrics(small_config, ray_session, tmp_path):
@@ -51,14 +50,15 @@ def test_driver_actor_run_names_and_metrics(small_config, ray_session, tmp_path)
     summary, deadline = ray_run.summary, time.monotonic() + 30
     while True:
         text = _scrape(ray_session.metrics_port)
-        if _sample(text, "ray_rcsr_round", "drv-run") == 8.0 or time.monotonic() > deadline:
+        samples = _run_samples(text, "drv-run")
+        if samples.get("ray_rcsr_round") == 8.0 or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert _sample(text, "ray_rcsr_round", "drv-run") == 8.0
-    assert _sample(text, "ray_rcsr_mean_r1", "drv-run") == pytest.approx(summary["mean_r1"])
-    assert _sample(text, "ray_rcsr_rsum", "drv-run") == pytest.approx(summary["rsum"])
-    assert _sample(text, "ray_rcsr_client_rounds_completed_total", "drv-run") == summary["completed_client_rounds"] == 48
-    assert _sample(text, "ray_rcsr_round_seconds", "drv-run") > 0
+    assert samples.get("ray_rcsr_round") == 8.0
+    assert samples.get("ray_rcsr_mean_r1") == pytest.approx(summary["mean_r1"])
+    assert samples.get("ray_rcsr_rsum") == pytest.approx(summary["rsum"])
+    assert samples.get("ray_rcsr_client_rounds_completed_total") == summary["completed_client_rounds"] == 48
+    assert samples.get("ray_rcsr_round_seconds") > 0
     assert re.search(r'^# (HELP|TYPE) ray_rcsr_mean_r1', text, re.M)
 
 
