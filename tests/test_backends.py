@@ -1,5 +1,8 @@
 """The local and Ray backends run the same client code and must agree bit for bit."""
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from rcsr_ray.runtime.loop import run_simulation
@@ -85,9 +88,31 @@ def test_round_schedule_hands_out_home_first_then_takes_over():
     assert s.next_chunk(1) == [] and s.remaining() == []
 
 
-def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_session):
+def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
+    from rcsr_ray.runtime.shared_rows import RowWriter, SharedRows
+
+    shared = SharedRows.create(3, 5, directory=str(tmp_path))
+    assert shared.shape == (3, 5) and os.path.getsize(shared.path) == 3 * 5 * 4  # reserved up front
+    writer = RowWriter()
+    rows = writer.open(shared.path, (3, 5))
+    rows[1] = np.arange(5, dtype=np.float32)
+    got = shared.row(1)
+    assert got.tolist() == [0, 1, 2, 3, 4] and shared.row(0).tolist() == [0] * 5
+    rows[1] = -1  # the next round writes the row again: what was read stays
+    assert got.tolist() == [0, 1, 2, 3, 4]
+    assert writer.open(shared.path, (3, 5)) is rows  # opened once
+    assert writer.open(str(tmp_path / "elsewhere"), (3, 5)) is None  # not on this machine
+    shared.close()
+    assert not os.path.exists(shared.path)
+    assert SharedRows.create(3, 5, directory=str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "object-store"])
+def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_session, shared):
     """RCSR without personal adapters keeps no client state: an actor done with its own clients
-    runs some of another's, and the results stay bit-identical to the local backend."""
+    runs some of another's, and the results stay bit-identical to the local backend, whether the
+    deltas come back through shared memory (actors on the driver's machine) or as task results
+    (actors elsewhere, played here by a driver that claims another node)."""
     from rcsr_ray.data.federation import build_federation
     from rcsr_ray.fl.strategy import make_strategy
     from rcsr_ray.models.adapters import initial_params
@@ -104,6 +129,9 @@ def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_se
                          fed.store.dim).client_settings(1).keeps_client_state
     params = {}
     backends = {"local": LocalBackend(fed, cfg), "ray": RayBackend(fed, cfg)}
+    if not shared:
+        backends["ray"].node = "another-node"
+    trained = 0
     try:
         for name, backend in backends.items():
             strategy = make_strategy(cfg, 6, fed.partition.num_clusters, fed.store.dim)
@@ -112,9 +140,11 @@ def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_se
                 updates, failed = backend.train(strategy.broadcast(r, p), strategy.sample(r, 6),
                                                 strategy.client_settings(r), cfg.seed, r)
                 assert failed == [] and len(updates) == 6
+                trained += name == "ray" and sum(u.delta is not None for u in updates)
                 p, _ = strategy.aggregate(r, p, updates)
             params[name] = p
         assert backends["ray"].guest_updates > 0
+        assert trained > 0 and backends["ray"].shared_updates == (trained if shared else 0)
     finally:
         backends["ray"].shutdown()
     assert torch.equal(params["local"], params["ray"])

@@ -5,9 +5,13 @@ from the feature store (memmaps, shared through the page cache) once and keeps t
 private state. A round's clients are handed out a chunk at a time (`schedule.RoundSchedule`); when
 its updates keep no client state and shards are cheap to read (not in blocks mode, which decodes
 images), an actor done with its own clients takes over some of another's, as a guest: it reads
-their data for that update and drops it after. The global adapters go through
-the object store once per round (`ray.put`), not once per client; each chunk's updates are read
-while the actor runs its next chunk.
+their data for that update and drops it after.
+
+What crosses Ray per round: the round (global adapters, settings, seed) through the object store
+once (`ray.put`), read by each actor with its first chunk; then per chunk a list of client ids out
+and the updates back. An actor on the driver's machine writes the deltas into a shared-memory
+matrix (`shared_rows`) and returns only the rest; elsewhere the deltas come back as results. Each
+chunk's updates are read while the actor runs its next chunk.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 import os
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -25,6 +30,7 @@ from rcsr_ray.config import Config, parse_faults
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
 from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 from rcsr_ray.runtime.schedule import RoundSchedule
+from rcsr_ray.runtime.shared_rows import RowWriter, SharedRows
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,20 @@ def ensure_ray(cfg: Config) -> None:
              include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
+@dataclass
+class RoundArgs:
+    """One call of `RayBackend.train`, as its actors need it; put in the object store once."""
+
+    call: int  # tags the call's chunks, so that an actor never runs one with another call's state
+    state: GlobalState
+    settings: ClientSettings
+    seed: int
+    round_idx: int
+    attempt: int
+    rows: dict[int, int]  # client -> its row in the shared delta matrix
+    shared: tuple | None  # (path, shape, node id) of that matrix; None: deltas come back as results
+
+
 @ray.remote
 class ClientActor:
     """Serves a block of clients. Their data arrives through `attach` rather than the constructor:
@@ -57,24 +77,38 @@ class ClientActor:
         self.bottleneck, self.torch_threads = bottleneck, torch_threads
         self.faults = parse_faults(faults)
         self.home = home  # the clients whose data and state this actor keeps
-        self.state_ref, self.state = None, None  # the current round's global state
+        self.round: RoundArgs | None = None
+        self.deltas: np.ndarray | None = None  # the driver's shared delta matrix, when this actor can reach it
+        self.writer = RowWriter()
         self.worker: ClientWorker | None = None
 
     def attach(self, federation) -> None:
         self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=actor_device())
 
-    def train(self, state: list, clients: list[int], settings: ClientSettings, seed: int,
-              round_idx: int, attempt: int):
-        """`state`: [the round's GlobalState ref], wrapped so that Ray does not fetch and unpickle it
-        again for each of the round's chunks; it is read once per round here."""
-        if self.state_ref is None or self.state_ref.hex() != state[0].hex():
-            self.state_ref, self.state = state[0], ray.get(state[0])
-        results = run_clients(self.worker, clients, self.state, settings, seed, round_idx, attempt, self.faults,
-                              in_process=False)
+    def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
+        """The updates of `clients`, and which of them left their delta in the shared matrix (their
+        `delta` is None here). `round_args` comes with an actor's first chunk of a call only."""
+        if round_args is not None:
+            self.round = round_args
+            shared = round_args.shared
+            self.deltas = self.writer.open(*shared[:2]) \
+                if shared and shared[2] == ray.get_runtime_context().get_node_id() else None
+        r = self.round
+        if r is None or r.call != call:
+            raise RuntimeError(f"chunk of call {call} without its round (the actor restarted since)")
+        results = run_clients(self.worker, clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
+                              self.faults, in_process=False)
         for c in clients:
             if c not in self.home:
                 self.worker.forget(c)
-        return results
+        stashed = []
+        if self.deltas is not None:
+            for u in results:
+                if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.dtype == torch.float32:
+                    self.deltas[r.rows[u.client_id]] = u.delta.numpy()
+                    u.delta = None
+                    stashed.append(u.client_id)
+        return results, stashed
 
     def ready(self) -> bool:
         """Whether the actor holds its clients (False after a restart)."""
@@ -142,6 +176,10 @@ class RayBackend:
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
         self.guest_updates = 0  # client updates run away from the client's home actor
         self.gone: set[int] = set()  # actors past runtime.max_restarts: they get no more clients
+        self.calls = 0
+        self.node = ray.get_runtime_context().get_node_id()
+        self.shared: SharedRows | None = None  # the delta matrix, grown to the largest round
+        self.shared_updates = 0  # client updates whose delta came through the shared matrix
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
@@ -150,12 +188,17 @@ class RayBackend:
         that Ray restarts it); what it had not started goes to the other actors when they may take
         it over (see the module docstring), and is dropped otherwise."""
         self._await_restarts()
-        state_ref = ray.put(state)
+        self.calls += 1
+        rows = {int(c): i for i, c in enumerate(clients)}
+        shared = self._shared_matrix(len(rows), state.params)
+        round_ref = ray.put(RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
+                                      shared and (shared.path, shared.shape, self.node)))
         schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
                                  len(self.actors), steal=self.shards_are_cheap and not settings.keeps_client_state)
         for actor in self.gone:
             schedule.close(actor)
         pending: dict = {}  # task -> (actor, its clients)
+        started: set[int] = set()  # actors that were sent this call's round
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
         def expired() -> bool:
@@ -167,7 +210,9 @@ class RayBackend:
                 chunk = schedule.next_chunk(actor)
                 if not chunk:
                     return
-                ref = self.actors[actor].train.remote([state_ref], chunk, settings, seed, round_idx, attempt)
+                first = actor not in started
+                started.add(actor)
+                ref = self.actors[actor].train.remote(self.calls, chunk, round_ref if first else None)
                 pending[ref] = (actor, chunk)
                 self.guest_updates += sum(self._home(c) != actor for c in chunk)
 
@@ -181,7 +226,7 @@ class RayBackend:
                 break
             actor, cs = pending.pop(ready[0])
             try:
-                part = ray.get(ready[0])
+                part, stashed = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, type(exc).__name__)
                 results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
@@ -197,6 +242,10 @@ class RayBackend:
                     fill(other)
                 continue
             fill(actor)  # before reading the results: the actor works meanwhile
+            for u in part:
+                if u.client_id in stashed:
+                    u.delta = torch.from_numpy(shared.row(rows[u.client_id]))
+            self.shared_updates += len(stashed)
             results.extend(part)
         for actor, cs in pending.values():
             log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
@@ -208,6 +257,18 @@ class RayBackend:
         results.extend(ClientFailure(c, reason) for c in schedule.remaining())
         updates, failed = split_results(results)
         return sorted(updates, key=lambda u: u.client_id), sorted(failed)
+
+    def _shared_matrix(self, num_rows: int, params: torch.Tensor) -> SharedRows | None:
+        """The shared delta matrix, with at least `num_rows` rows (None where shared memory is not
+        available). A timed-out actor is killed and waited for before the next call, so no chunk of
+        an earlier call can still be writing into the rows being read."""
+        if params.dtype != torch.float32:
+            return None
+        if self.shared is None or self.shared.shape[0] < num_rows or self.shared.shape[1] != params.numel():
+            if self.shared is not None:
+                self.shared.close()
+            self.shared = SharedRows.create(num_rows, params.numel())
+        return self.shared
 
     def _await_restarts(self, limit_s: float = 120.0) -> None:
         """Wait until actors that failed last round are back (a call to a restarting actor fails),
@@ -263,3 +324,6 @@ class RayBackend:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
