@@ -10,11 +10,13 @@ Times cover what a round costs the simulator (broadcast, client updates, collect
 not evaluation. Median over rounds after warm-up; the local and Ray runs alternate round by round.
 The last line is one JSON object.
 
-Ray with one client per actor (`ray_actor_s`) is measured only when the machine can hold one
-actor per client (about 0.5 GB each): on a 2-core, 24 GB machine 100 actors do not fit, so it is
-reported as null there.
+Ray with one client per actor needs one process per client (about 0.3 GB of private memory each,
+measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
+federation of the same clients (`--actor-clients`, the peer workload's 290 images per client,
+half of them per round), against the local backend on that same federation (`small_*` keys).
+Where (a) does not fit, `ray_actor_s` is null and `ray_actor_skipped` says why.
 
-    python benchmarks/round_overhead.py [--rounds 12] [--warmup 3]
+    python benchmarks/round_overhead.py [--rounds 16] [--warmup 3] [--actor-clients 16]
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
+import ray
 import torch
 
 from rcsr_ray.config import load_config
@@ -37,6 +41,26 @@ PEER = {"preset": "S1", "fed.method": "fedavg", "data.synthetic.train_images": 2
         "train.local_epochs": 1, "train.batch_size": 128, "train.temperature": 0.05, "train.lr": 1e-3,
         "model.adapter.bottleneck": 64}
 RCSR_S4 = {**PEER, "preset": "S4", "fed.method": "rcsr", "data.synthetic.client_shift": 0.35}
+IMAGES_PER_CLIENT = PEER["data.synthetic.train_images"] // PEER["partition.num_clients"]
+
+
+def one_per_actor(keys: dict, clients: int, cpus: float) -> dict:
+    """`keys` over `clients` clients of the same size, each on its own actor (sharing the CPUs)."""
+    return {**keys, "partition.num_clients": clients, "data.synthetic.train_images": clients * IMAGES_PER_CLIENT,
+            "runtime.backend": "ray", "runtime.clients_per_actor": 1, "runtime.client_cpus": cpus / clients}
+
+
+def private_gb(pid: int) -> float:
+    """Memory only this process holds (Linux smaps_rollup: private clean + dirty)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 2**20
+
+
+def available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 class Run:
@@ -59,47 +83,71 @@ class Run:
         self.times.append(time.perf_counter() - t)
 
 
-def seconds_per_round(keys: dict, rounds: int, warmup: int) -> tuple[float, float, bool]:
-    """Median s/round of the local backend and of Ray packed, and whether they ended identical.
+def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int) -> tuple[float, float, bool, float]:
+    """Median s/round of the local backend and of Ray, whether they ended identical, and the largest
+    private memory of one of Ray's actors (GB).
 
     The two runs alternate round by round, so that both see the same stretches of this VM's speed,
     which drifts by up to 1.5x over a minute."""
-    local, packed = Run({**keys, "runtime.backend": "local"}), Run({**keys, "runtime.backend": "ray"})
+    local, on_ray = Run({**local_keys, "runtime.backend": "local"}), Run(ray_keys)
     try:
         for r in range(1, rounds + 1):
             local.round(r)
-            packed.round(r)
+            on_ray.round(r)
+        pids = ray.get([a.__ray_call__.remote(lambda actor: os.getpid()) for a in on_ray.backend.actors])
+        actor_gb = max(private_gb(pid) for pid in pids)
     finally:
-        packed.backend.shutdown()
-    return (statistics.median(local.times[warmup:]), statistics.median(packed.times[warmup:]),
-            torch.equal(local.params, packed.params))
+        on_ray.backend.shutdown()
+    return (statistics.median(local.times[warmup:]), statistics.median(on_ray.times[warmup:]),
+            torch.equal(local.params, on_ray.params), actor_gb)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--actor-clients", type=int, default=16, help="clients of the one-client-per-actor run")
     args = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray
-
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    res = {}
-    rows = []
-    for label, keys in (("peer", PEER), ("rcsr", RCSR_S4)):
-        local_s, packed_s, same = seconds_per_round(keys, args.rounds, args.warmup)
-        rows.append((label, local_s, packed_s, packed_s / local_s, same))
-        res[label] = (local_s, packed_s, same)
+    cpus = ray.cluster_resources()["CPU"]
+    free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
+    rows, res = [], {}
+
+    def measure(label: str, local_keys: dict, ray_keys: dict) -> None:
+        local_s, ray_s, same, actor_gb = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
+        rows.append((label, local_s, ray_s, ray_s / local_s, same))
+        res[label] = (local_s, ray_s, same, actor_gb)
+
+    measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
+    measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
+    small = args.actor_clients
+    small_keys = {**PEER, "partition.num_clients": small, "data.synthetic.train_images": small * IMAGES_PER_CLIENT}
+    measure(f"peer {small} clients, one per actor", small_keys, one_per_actor(PEER, small, cpus))
+    # One actor per client of (a), only where the machine holds them.
+    clients = PEER["partition.num_clients"]
+    need_gb = clients * res[rows[-1][0]][3]
+    skipped = None
+    if need_gb <= free_gb:
+        measure("peer, one per actor", PEER, one_per_actor(PEER, clients, cpus))
+    else:
+        skipped = f"{clients} actors x {need_gb / clients:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
     ray.shutdown()
-    print(f"{'workload':<10}{'local s/round':>15}{'ray packed':>12}{'ratio':>8}{'identical':>11}")
-    for label, local_s, packed_s, ratio, same in rows:
-        print(f"{label:<10}{local_s:>15.3f}{packed_s:>12.3f}{ratio:>8.2f}{str(same):>11}")
-    print("ray_actor (one client per actor): not measured, 100 actors x ~0.5 GB do not fit this machine")
-    (pl, pp, psame), (rl, rp, rsame) = res["peer"], res["rcsr"]
-    print(json.dumps({"local_s": round(pl, 4), "ray_actor_s": None, "ray_packed_s": round(pp, 4),
-                      "ratio_actor": None, "ratio_packed": round(pp / pl, 3), "identical": psame and rsame,
-                      "rcsr_local_s": round(rl, 4), "rcsr_ray_packed_s": round(rp, 4),
-                      "rcsr_ratio_packed": round(rp / rl, 3)}))
+    print(f"{'workload':<36}{'local s/round':>14}{'ray':>8}{'ratio':>8}{'identical':>11}")
+    for label, local_s, ray_s, ratio, same in rows:
+        print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ratio:>8.2f}{str(same):>11}")
+    if skipped:
+        print(f"peer, one per actor: not measured, {skipped}")
+    (pl, pp, _, _), (rl, rp, _, _) = res["peer, packed"], res["rcsr, packed"]
+    sl, sa, _, actor_gb = res[rows[2][0]]
+    actor = res.get("peer, one per actor")
+    print(json.dumps({
+        "local_s": round(pl, 4), "ray_actor_s": actor and round(actor[1], 4), "ray_packed_s": round(pp, 4),
+        "ratio_actor": actor and round(actor[1] / actor[0], 3), "ratio_packed": round(pp / pl, 3),
+        "identical": all(r[4] for r in rows), "rcsr_local_s": round(rl, 4), "rcsr_ray_packed_s": round(rp, 4),
+        "rcsr_ratio_packed": round(rp / rl, 3), "ray_actor_skipped": skipped, "small_clients": small,
+        "small_local_s": round(sl, 4), "small_ray_actor_s": round(sa, 4), "small_ratio_actor": round(sa / sl, 3),
+        "actor_private_gb": round(actor_gb, 3)}))
 
 
 if __name__ == "__main__":
