@@ -60,15 +60,25 @@ def test_round_schedule_hands_out_home_first_then_takes_over():
 
     work = np.array([4, 1, 2, 8, 0, 3])
     s = RoundSchedule({0: [0, 1, 2, 3], 1: [5]}, work, 2, steal=True)
-    # Worker 0's own clients, largest first; a chunk is at most half a worker's fair share of the
-    # work left (18 / 4 = 4.5), and at least one client.
-    assert s.next_chunk(0) == [3]
-    assert s.next_chunk(1) == [5]
-    # Worker 1 is done with its own: it takes worker 0's smallest (1, then 2) within 7 / 4.
-    assert s.next_chunk(1) == [1]
-    assert s.next_chunk(0) == [0]
-    assert s.next_chunk(1) == [2]
+    # A worker gets half of what levels it with the others: the work not yet done (18) over the 2
+    # workers, less what it already holds; at least one client. Own clients first, largest first.
+    assert s.next_chunk(0) == [3]  # needs 9: up to 4.5
+    assert s.next_chunk(1) == [5]  # needs 9
+    # Worker 1's own are handed out: it takes worker 0's smallest (1, then 2) within (9 - 3) / 2.
+    assert s.next_chunk(1) == [1, 2]
+    # Worker 0 holds 8 of the 18 not done: it needs 1 more, less than its last client (4), which
+    # waits for whoever runs out first; worker 1 holds 6 and needs 3, so it waits too.
+    assert s.next_chunk(0) == [] and s.next_chunk(1) == []
+    s.done(1, [5])
+    assert s.next_chunk(1) == [0]  # holds 3 of the 15 not done: needs 4.5
     assert s.next_chunk(0) == [] and s.next_chunk(1) == [] and s.remaining() == []
+    # A worker that holds nothing gets a client however far that takes it past the level.
+    s = RoundSchedule({0: [0, 1, 2, 3], 1: []}, work, 2, steal=True)
+    assert s.next_chunk(0) == [3]  # needs 7.5 of 15
+    assert s.next_chunk(0) == []  # holds 8 > 7.5
+    assert s.next_chunk(1) == [1, 2]  # needs 7.5: up to 3.75, from worker 0's smallest
+    s.done(0, [3])
+    assert s.next_chunk(0) == [0] and s.remaining() == []
     # Without stealing (updates keep client state) a worker only ever runs its own clients; a
     # failed worker gets nothing more, and what it never started is left over.
     s = RoundSchedule({0: [0, 1], 1: [5]}, work, 2, steal=False)

@@ -225,6 +225,7 @@ class RayBackend:
             if not ready:
                 break
             actor, cs = pending.pop(ready[0])
+            schedule.done(actor, cs)
             try:
                 part, stashed = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:

@@ -1,11 +1,13 @@
 """Handing a round's clients to workers a chunk at a time (no Ray here, so it is testable alone).
 
 Each worker starts on its home clients (where their data and state live), largest first. A worker
-asks for its next chunk when the last one is done, so a worker that runs slow (a busy core, a
-bigger client) simply gets less. When updates keep no client state, a worker whose own clients are
-done takes the smallest remaining clients of the worker with the most work left. Chunks shrink as
-the round drains (guided self-scheduling: half a worker's fair share of the work left), so the
-round's last chunks are single small clients and the workers finish together.
+asks for its next chunk when one is done, so a worker that runs slow (a busy core, a bigger client)
+simply gets less. When updates keep no client state, a worker whose own clients are done takes the
+smallest remaining clients of the worker with the most work left. Chunks shrink as the round drains
+(guided self-scheduling): a worker gets half of what it still needs to end level with the others,
+counting the work it already holds (a backend keeps a chunk queued ahead on each worker). A worker
+that holds work gets no client that would take it past that level, so the round's last clients go,
+one at a time, to whoever runs out first.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class RoundSchedule:
         self.queues = {w: deque(sorted(home.get(w, []), key=lambda c: (-self.work[c], c)))
                        for w in range(num_workers)}
         self.closed: set[int] = set()  # workers that failed this round: they get nothing more
+        self.held = dict.fromkeys(range(num_workers), 0.0)  # work handed out and not yet done, per worker
 
     def _left(self, worker: int) -> float:
         """Work still queued for `worker`."""
@@ -40,16 +43,29 @@ class RoundSchedule:
                 return []
             # Someone else's from the back: smallest first, leaving them their big ones.
             source, end = max(busy, key=lambda w: (self._left(w), -w)), -1
-        open_workers = max(1, len(self.queues) - len(self.closed))
-        # Work the open workers can still get: without stealing, a closed worker's is nobody's.
-        target = sum(self._left(w) for w in self.queues if self.steal or w not in self.closed) / (2 * open_workers)
+        if self.steal:
+            # Level finish: the open workers' share of all work not yet done, less what this one holds.
+            open_workers = [w for w in self.queues if w not in self.closed]
+            pool = sum(self._left(w) for w in self.queues) + sum(self.held[w] for w in open_workers)
+            need = pool / len(open_workers) - self.held[worker]
+        else:
+            need = self._left(worker)  # its own clients are all it will ever run
         queue, chunk, size = self.queues[source], [], 0.0
+        if self.held[worker] > 0 and need < self.work[queue[end]]:
+            # Queued behind its running chunk, the next client would leave this worker last: it asks
+            # again when a chunk is done, and the client goes to whoever is free first.
+            return []
         take = queue.popleft if end == 0 else queue.pop
-        while queue and (not chunk or size + self.work[queue[end]] <= target):
+        while queue and (not chunk or size + self.work[queue[end]] <= need / 2):
             c = take()
             chunk.append(c)
             size += self.work[c]
+        self.held[worker] += size
         return chunk
+
+    def done(self, worker: int, chunk: list[int]) -> None:
+        """`worker` finished (or failed) `chunk`."""
+        self.held[worker] -= float(self.work[chunk].sum())
 
     def close(self, worker: int) -> None:
         """`worker` failed: it gets no more clients (with stealing, the others take its queue)."""
@@ -57,6 +73,7 @@ class RoundSchedule:
 
     def give_back(self, worker: int, clients: list[int]) -> None:
         """Clients handed to `worker` that it never started (it died first)."""
+        self.done(worker, clients)
         self.queues[worker].extend(clients)
 
     def remaining(self) -> list[int]:
