@@ -128,3 +128,45 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
         assert backend.guest_updates == 3  # clients 0-2, away from their home actor
     finally:
         backend.shutdown()
+
+
+def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session):
+    """An actor killed while idle (the backend sees no failure) comes back empty from Ray's
+    restart; it attaches its clients again on its next call, and the round loses nobody."""
+    import ray
+
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.strategy import make_strategy
+    from rcsr_ray.models.adapters import initial_params
+    from rcsr_ray.runtime.ray_backend import RayBackend
+
+    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3})
+    fed = build_federation(cfg)
+    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    backend = RayBackend(fed, cfg)
+    try:
+        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
+        state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
+        first, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        assert failed == []
+        actor = backend.actors[0]
+        ray.kill(actor, no_restart=False)
+        restarted = lambda a: ray.get_runtime_context().was_current_actor_reconstructed  # noqa: E731
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(actor.__ray_call__.remote(restarted), timeout=5):
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the killed actor was not restarted within 60 s")
+        again, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        assert failed == [] and [u.client_id for u in again] == list(range(6))
+        # Same round, same state: the restarted actor computes the same updates.
+        assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
+        local = backend.evaluate_local(params, range(6))  # clients 0-2 are evaluated on the restarted actor
+        assert len(local) == 6 and all(0 <= m["global_i2t_r1"] <= 100 for m in local)
+    finally:
+        backend.shutdown()

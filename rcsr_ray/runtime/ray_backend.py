@@ -64,13 +64,15 @@ class RoundArgs:
     attempt: int
     rows: dict[int, int]  # client -> its row in the shared delta matrix
     shared: tuple | None  # (path, shape, node id) of that matrix; None: deltas come back as results
+    federation: list  # [its object-store ref], for an actor that Ray restarted since
 
 
 @ray.remote
 class ClientActor:
     """Serves a block of clients. Their data arrives through `attach` rather than the constructor:
     Ray cannot promise to restart an actor whose constructor arguments live in the object store, so
-    a restarted actor comes back empty and the backend attaches it again."""
+    a restarted actor comes back empty, and attaches again on its next call (every call that needs
+    the clients carries the federation's ref, wrapped in a list so that Ray passes it as is)."""
 
     def __init__(self, bottleneck: int, torch_threads: int, faults: str, home: range):
         torch.set_num_threads(torch_threads)
@@ -85,6 +87,15 @@ class ClientActor:
     def attach(self, federation) -> None:
         self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=actor_device())
 
+    def _serve(self, federation: list) -> ClientWorker:
+        """The worker; attached again first if Ray restarted this actor (after a failure, or a kill
+        between rounds that the backend never saw): its clients' private state is lost then."""
+        if self.worker is None:
+            log.warning("actor for clients %d-%d was restarted: attaching its clients again",
+                        self.home.start, self.home.stop - 1)
+            self.attach(ray.get(federation[0]))
+        return self.worker
+
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
         """The updates of `clients`, and which of them left their delta in the shared matrix (their
         `delta` is None here). `round_args` comes with an actor's first chunk of a call only."""
@@ -96,7 +107,7 @@ class ClientActor:
         r = self.round
         if r is None or r.call != call:
             raise RuntimeError(f"chunk of call {call} without its round (the actor restarted since)")
-        results = run_clients(self.worker, clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
+        results = run_clients(self._serve(r.federation), clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
                               self.faults, in_process=False)
         for c in clients:
             if c not in self.home:
@@ -110,20 +121,22 @@ class ClientActor:
                     stashed.append(u.client_id)
         return results, stashed
 
-    def ready(self) -> bool:
-        """Whether the actor holds its clients (False after a restart)."""
-        return self.worker is not None
+    def ping(self) -> None:
+        """Answers once the actor is up (after a restart too)."""
 
-    def client_state(self, clients: list[int]) -> dict[int, dict]:
-        return {c: self.worker.state[c] for c in clients if c in self.worker.state}
+    def client_state(self, clients: list[int], federation: list) -> dict[int, dict]:
+        worker = self._serve(federation)
+        return {c: worker.state[c] for c in clients if c in worker.state}
 
-    def load_client_state(self, states: dict[int, dict]) -> None:
+    def load_client_state(self, states: dict[int, dict], federation: list) -> None:
+        worker = self._serve(federation)
         for c, s in states.items():
-            self.worker.shard(c)
-            self.worker.state[c] = s
+            worker.shard(c)
+            worker.state[c] = s
 
-    def evaluate_local(self, params: torch.Tensor, clients: list[int]) -> list[dict]:
-        return [self.worker.evaluate_local(c, params) for c in clients]
+    def evaluate_local(self, params: torch.Tensor, clients: list[int], federation: list) -> list[dict]:
+        worker = self._serve(federation)
+        return [worker.evaluate_local(c, params) for c in clients]
 
 
 def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clients_per_actor: int | None,
@@ -158,8 +171,9 @@ class RayBackend:
         self.per_actor = plan_actors(n, resources.get("CPU", 1), rt.client_cpus, rt.clients_per_actor,
                                      resources.get("GPU", 0), gpus)
         # One copy of the federation in the object store, held for the backend's lifetime, so that
-        # restarted actors can be attached again.
+        # restarted actors can attach again.
         self.federation_ref = ray.put(federation)
+        self.federation_arg = [self.federation_ref]
         self.client_profile = federation.client_profile()
         self.shards_are_cheap = federation.shards_are_cheap
         self.actors = []
@@ -192,7 +206,7 @@ class RayBackend:
         rows = {int(c): i for i, c in enumerate(clients)}
         shared = self._shared_matrix(len(rows), state.params)
         round_ref = ray.put(RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
-                                      shared and (shared.path, shared.shape, self.node)))
+                                      shared and (shared.path, shared.shape, self.node), self.federation_arg))
         schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
                                  len(self.actors), steal=self.shards_are_cheap and not settings.keeps_client_state)
         for actor in self.gone:
@@ -272,14 +286,13 @@ class RayBackend:
         return self.shared
 
     def _await_restarts(self, limit_s: float = 120.0) -> None:
-        """Wait until actors that failed last round are back (a call to a restarting actor fails),
-        and attach their clients again."""
+        """Wait until actors that failed last round are back (a call to a restarting actor fails);
+        they attach their clients again on their first call."""
         deadline = time.monotonic() + limit_s
         for a in sorted(self.restarting):
             while True:
                 try:
-                    if not ray.get(self.actors[a].ready.remote(), timeout=max(1.0, deadline - time.monotonic())):
-                        ray.get(self.actors[a].attach.remote(self.federation_ref))
+                    ray.get(self.actors[a].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
                     break
                 except ray.exceptions.ActorDiedError:
                     log.warning("actor %d is gone for good (max_restarts reached)", a)
@@ -292,21 +305,22 @@ class RayBackend:
         self.restarting.clear()
 
     def client_state(self) -> dict[int, dict]:
-        states = ray.get([a.client_state.remote(list(range(i * self.per_actor, (i + 1) * self.per_actor)))
-                          for i, a in enumerate(self.actors)])
+        states = ray.get([a.client_state.remote(list(range(i * self.per_actor, (i + 1) * self.per_actor)),
+                                                self.federation_arg) for i, a in enumerate(self.actors)])
         return {c: s for part in states for c, s in part.items()}
 
     def load_client_state(self, states: dict[int, dict]) -> None:
         groups: dict[int, dict] = {}
         for c, s in states.items():
             groups.setdefault(self._home(c), {})[c] = s
-        ray.get([self.actors[a].load_client_state.remote(g) for a, g in groups.items()])
+        ray.get([self.actors[a].load_client_state.remote(g, self.federation_arg) for a, g in groups.items()])
 
     def evaluate_local(self, params: torch.Tensor, clients) -> list[dict]:
         """Personal retrieval, evaluated where the personal adapters live; results in the order given."""
         params_ref = ray.put(params)
         groups = self._by_actor(clients)
-        results = ray.get([self.actors[a].evaluate_local.remote(params_ref, cs) for a, cs in groups])
+        results = ray.get([self.actors[a].evaluate_local.remote(params_ref, cs, self.federation_arg)
+                           for a, cs in groups])
         by_client = {c: m for (_, cs), ms in zip(groups, results) for c, m in zip(cs, ms)}
         return [by_client[int(c)] for c in clients]
 
