@@ -10,8 +10,8 @@ Times cover what a round costs the simulator (broadcast, client updates, collect
 not evaluation. Median over rounds after warm-up; the local and Ray runs alternate round by round.
 The last line is one JSON object.
 
-Ray with one client per actor needs one process per client (about 0.3 GB of private memory each,
-measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
+Ray with one client per actor needs one process per client (about 0.44 GB of private memory each
+after training, measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
 federation of the same clients (`--actor-clients`, the peer workload's 290 images per client,
 half of them per round), against the local backend on that same federation (`small_*` keys).
 Where (a) does not fit, `ray_actor_s` is null and `ray_actor_skipped` says why.

@@ -99,9 +99,14 @@ def test_round_schedule_hands_out_home_first_then_takes_over():
 
 
 def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
-    from rcsr_ray.runtime.shared_rows import RowWriter, SharedRows
+    from rcsr_ray.runtime.shared_rows import PREFIX, RowWriter, SharedRows
 
+    # A killed driver's matrix (no such pid) is removed by the next driver; a live one's is not.
+    orphan, alive = tmp_path / f"{PREFIX}999999999-abc", tmp_path / f"{PREFIX}{os.getpid()}-abc"
+    orphan.write_bytes(b"x")
+    alive.write_bytes(b"x")
     shared = SharedRows.create(3, 5, directory=str(tmp_path))
+    assert not orphan.exists() and alive.exists()
     assert shared.shape == (3, 5) and os.path.getsize(shared.path) == 3 * 5 * 4  # reserved up front
     writer = RowWriter()
     rows = writer.open(shared.path, (3, 5))
@@ -117,7 +122,9 @@ def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
     assert SharedRows.create(3, 5, directory=str(tmp_path / "missing")) is None
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "object-store"])
+@pytest.mark.parametrize("shared", [
+    pytest.param(True, id="shared-memory", marks=pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")),
+    pytest.param(False, id="object-store")])
 def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_session, shared):
     """RCSR without personal adapters keeps no client state: an actor done with its own clients
     runs some of another's, and the results stay bit-identical to the local backend, whether the

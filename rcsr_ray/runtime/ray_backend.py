@@ -30,7 +30,7 @@ from rcsr_ray.config import Config, parse_faults
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
 from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 from rcsr_ray.runtime.schedule import RoundSchedule
-from rcsr_ray.runtime.shared_rows import RowWriter, SharedRows
+from rcsr_ray.runtime.shared_rows import SHM_DIR, RowWriter, SharedRows
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,11 @@ class ClientActor:
         if round_args is not None:
             self.round = round_args
             shared = round_args.shared
-            self.deltas = self.writer.open(*shared[:2]) \
-                if shared and shared[2] == ray.get_runtime_context().get_node_id() else None
+            if shared and shared[2] == ray.get_runtime_context().get_node_id():
+                self.deltas = self.writer.open(*shared[:2])
+            else:
+                self.writer.close()
+                self.deltas = None
         r = self.round
         if r is None or r.call != call:
             raise RuntimeError(f"chunk of call {call} without its round (the actor restarted since)")
@@ -115,14 +118,16 @@ class ClientActor:
         stashed = []
         if self.deltas is not None:
             for u in results:
-                if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.dtype == torch.float32:
+                if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.dtype == torch.float32 \
+                        and u.delta.shape == self.deltas.shape[1:]:
                     self.deltas[r.rows[u.client_id]] = u.delta.numpy()
                     u.delta = None
                     stashed.append(u.client_id)
         return results, stashed
 
-    def ping(self) -> None:
-        """Answers once the actor is up (after a restart too)."""
+    def ping(self, federation: list) -> None:
+        """Answers once the actor is up, with its clients attached (after a restart too)."""
+        self._serve(federation)
 
     def client_state(self, clients: list[int], federation: list) -> dict[int, dict]:
         worker = self._serve(federation)
@@ -193,6 +198,7 @@ class RayBackend:
         self.calls = 0
         self.node = ray.get_runtime_context().get_node_id()
         self.shared: SharedRows | None = None  # the delta matrix, grown to the largest round
+        self.shared_unavailable = False  # no shared memory here (or no room): not tried again
         self.shared_updates = 0  # client updates whose delta came through the shared matrix
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
@@ -219,7 +225,8 @@ class RayBackend:
             return deadline is not None and time.monotonic() >= deadline
 
         def fill(actor: int) -> None:
-            """Keep two chunks queued on `actor`, so that it never waits for the driver between chunks."""
+            """Keep up to two chunks queued on `actor`, so that it rarely waits for the driver between
+            chunks (the schedule holds a round's last clients back for whoever runs out first)."""
             while not expired() and sum(a == actor for a, _ in pending.values()) < 2:
                 chunk = schedule.next_chunk(actor)
                 if not chunk:
@@ -247,6 +254,9 @@ class RayBackend:
                 results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
                 self.restarting.add(actor)
                 schedule.close(actor)
+                if isinstance(exc, ray.exceptions.ActorUnavailableError):
+                    # Maybe still alive: make sure it never runs (and writes rows for) what it hands back.
+                    ray.kill(self.actors[actor], no_restart=False)
                 if isinstance(exc, ray.exceptions.RayActorError):
                     # An actor runs its tasks in order: its later chunks never started.
                     for ref, (a, later) in list(pending.items()):
@@ -277,22 +287,27 @@ class RayBackend:
         """The shared delta matrix, with at least `num_rows` rows (None where shared memory is not
         available). A timed-out actor is killed and waited for before the next call, so no chunk of
         an earlier call can still be writing into the rows being read."""
-        if params.dtype != torch.float32:
+        if params.dtype != torch.float32 or self.shared_unavailable:
             return None
         if self.shared is None or self.shared.shape[0] < num_rows or self.shared.shape[1] != params.numel():
             if self.shared is not None:
                 self.shared.close()
             self.shared = SharedRows.create(num_rows, params.numel())
+            if self.shared is None:
+                self.shared_unavailable = True
+                log.warning("no room for %d client deltas in %s: for this run they come back through the "
+                            "object store", num_rows, SHM_DIR)
         return self.shared
 
     def _await_restarts(self, limit_s: float = 120.0) -> None:
-        """Wait until actors that failed last round are back (a call to a restarting actor fails);
-        they attach their clients again on their first call."""
+        """Wait until actors that failed last round are back (a call to a restarting actor fails),
+        with their clients attached, so that attaching does not count against the round's timeout."""
         deadline = time.monotonic() + limit_s
         for a in sorted(self.restarting):
             while True:
                 try:
-                    ray.get(self.actors[a].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    ray.get(self.actors[a].ping.remote(self.federation_arg),
+                            timeout=max(1.0, deadline - time.monotonic()))
                     break
                 except ray.exceptions.ActorDiedError:
                     log.warning("actor %d is gone for good (max_restarts reached)", a)

@@ -4,10 +4,11 @@ Each worker starts on its home clients (where their data and state live), larges
 asks for its next chunk when one is done, so a worker that runs slow (a busy core, a bigger client)
 simply gets less. When updates keep no client state, a worker whose own clients are done takes the
 smallest remaining clients of the worker with the most work left. Chunks shrink as the round drains
-(guided self-scheduling): a worker gets half of what it still needs to end level with the others,
-counting the work it already holds (a backend keeps a chunk queued ahead on each worker). A worker
-that holds work gets no client that would take it past that level, so the round's last clients go,
-one at a time, to whoever runs out first.
+(guided self-scheduling). With stealing, a worker gets half of what it still needs to end level
+with the others, counting the work it already holds (a backend keeps a chunk queued ahead on each
+worker), and a worker that holds work gets no client that would take it past that level, so the
+round's last clients go, one at a time, to whoever runs out first. Without stealing nothing can be
+levelled: a worker gets half of its own clients' work left.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class RoundSchedule:
                        for w in range(num_workers)}
         self.closed: set[int] = set()  # workers that failed this round: they get nothing more
         self.held = dict.fromkeys(range(num_workers), 0.0)  # work handed out and not yet done, per worker
+        self.chunks_held = dict.fromkeys(range(num_workers), 0)  # and its chunks (held work can be 0)
 
     def _left(self, worker: int) -> float:
         """Work still queued for `worker`."""
@@ -51,7 +53,7 @@ class RoundSchedule:
         else:
             need = self._left(worker)  # its own clients are all it will ever run
         queue, chunk, size = self.queues[source], [], 0.0
-        if self.held[worker] > 0 and need < self.work[queue[end]]:
+        if self.chunks_held[worker] and need < self.work[queue[end]]:
             # Queued behind its running chunk, the next client would leave this worker last: it asks
             # again when a chunk is done, and the client goes to whoever is free first.
             return []
@@ -61,11 +63,13 @@ class RoundSchedule:
             chunk.append(c)
             size += self.work[c]
         self.held[worker] += size
+        self.chunks_held[worker] += 1
         return chunk
 
     def done(self, worker: int, chunk: list[int]) -> None:
         """`worker` finished (or failed) `chunk`."""
         self.held[worker] -= float(self.work[chunk].sum())
+        self.chunks_held[worker] -= 1
 
     def close(self, worker: int) -> None:
         """`worker` failed: it gets no more clients (with stealing, the others take its queue)."""

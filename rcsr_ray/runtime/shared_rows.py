@@ -7,17 +7,20 @@ tenth of a packed Ray round. Through this matrix an actor writes each delta into
 memcpy) and returns only the small rest of the update. No Ray here: both ends are plain numpy.
 
 The space is reserved up front (`posix_fallocate`), so a full tmpfs fails here, where the caller
-can fall back to the object store, and never as a SIGBUS in the middle of a write.
+can fall back to the object store, and never as a SIGBUS in the middle of a write. The file goes
+with the driver; files left by drivers that were killed outright are removed by the next one.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import weakref
+from pathlib import Path
 
 import numpy as np
 
 SHM_DIR = "/dev/shm"
+PREFIX = "rcsr-ray-deltas-"
 
 
 class SharedRows:
@@ -25,7 +28,7 @@ class SharedRows:
 
     def __init__(self, rows: int, cols: int, directory: str = SHM_DIR):
         self.shape = (rows, cols)
-        fd, self.path = tempfile.mkstemp(prefix=f"rcsr-ray-deltas-{os.getpid()}-", dir=directory)
+        fd, self.path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory)
         # Removed when this object goes, or at interpreter exit, whichever comes first.
         self._remove = weakref.finalize(self, _unlink, self.path)
         try:
@@ -42,6 +45,7 @@ class SharedRows:
         """A matrix, or None where there is no shared-memory directory or no room in it."""
         if not os.path.isdir(directory):
             return None
+        remove_orphans(directory)
         try:
             return cls(rows, cols, directory)
         except OSError:
@@ -56,17 +60,37 @@ class SharedRows:
         self._remove()
 
 
-def _unlink(path: str) -> None:
+def _unlink(path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+def remove_orphans(directory: str = SHM_DIR) -> list[str]:
+    """Remove the matrices of drivers that are no longer running (killed outright: no finalizer ran)."""
+    removed = []
+    for path in Path(directory).glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _unlink(path)
+            removed.append(str(path))
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
 class RowWriter:
-    """An actor's end: the matrices it was told about, opened once each and kept."""
+    """An actor's end: the latest matrix it was told about, opened once and kept."""
 
     def __init__(self):
+        self.path, self.array = None, None
+
+    def close(self) -> None:
         self.path, self.array = None, None
 
     def open(self, path: str, shape: tuple[int, int]) -> np.ndarray | None:
