@@ -50,10 +50,16 @@ def one_per_actor(keys: dict, clients: int, cpus: float) -> dict:
             "runtime.backend": "ray", "runtime.clients_per_actor": 1, "runtime.client_cpus": cpus / clients}
 
 
+def smaps_rollup_kb(pid: int) -> dict[str, int]:
+    """A process's memory totals in kB, by field (Linux /proc/PID/smaps_rollup: Pss, Private_Dirty, ...)."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]  # the first names the range
+    return {name: int(value.split()[0]) for name, value in (line.split(":", 1) for line in lines)}
+
+
 def private_gb(pid: int) -> float:
-    """Memory only this process holds (Linux smaps_rollup: private clean + dirty)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
-    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 2**20
+    """Memory only this process holds (private clean + dirty)."""
+    kb = smaps_rollup_kb(pid)
+    return (kb["Private_Clean"] + kb["Private_Dirty"]) / 2**20
 
 
 def available_gb() -> float:

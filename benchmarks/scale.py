@@ -24,7 +24,7 @@ import time
 
 from pathlib import Path
 
-from round_overhead import Run
+from round_overhead import Run, smaps_rollup_kb
 
 from rcsr_ray.config import load_config
 from rcsr_ray.data.federation import open_store
@@ -54,10 +54,7 @@ def job_pss() -> dict[str, int]:
     for pid in _descendants(os.getpid()):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    out[f"{pid} {Path(title).name[:40]}"] = int(line.split()[1]) * 1024
-                    break
+            out[f"{pid} {Path(title).name[:40]}"] = smaps_rollup_kb(pid)["Pss"] * 1024
         except OSError:
             pass  # the process ended
     return out

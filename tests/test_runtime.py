@@ -1,4 +1,5 @@
 """Runtime: dropped clients, retried rounds, resume from a checkpoint, actor names, killed actors."""
+import contextlib
 import threading
 import time
 
@@ -56,29 +57,37 @@ def test_checkpoint_of_another_config_is_not_resumed(small_config, tmp_path):
     assert torch.equal(other.params, fresh.params)
 
 
-def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session):
-    import ray
-    from ray.util.state import list_actors
-
+@contextlib.contextmanager
+def _ray_backend(small_config, **keys):
+    """A Ray backend over the small federation, 3 clients per actor, with round 1's state and client
+    settings (for all 6 clients) and the seed; shut down after."""
     from rcsr_ray.data.federation import build_federation
     from rcsr_ray.fl.strategy import make_strategy
     from rcsr_ray.models.adapters import initial_params
     from rcsr_ray.runtime.ray_backend import RayBackend
 
-    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3,
-                                 "runtime.faults": "hang@1:1,hang@2:4"})
+    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3, **keys})
     fed = build_federation(cfg)
     strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
     backend = RayBackend(fed, cfg)
     try:
+        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
+        yield backend, strategy.broadcast(1, params), strategy.client_settings(1), cfg.seed
+    finally:
+        backend.shutdown()
+
+
+def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session):
+    import ray
+    from ray.util.state import list_actors
+
+    with _ray_backend(small_config, **{"runtime.faults": "hang@1:1,hang@2:4"}) as (backend, state, settings, seed):
         backend.client_state()  # the actors are up
         deadline, names = time.monotonic() + 30, set()
         while not {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names and time.monotonic() < deadline:
             names = {a.name for a in list_actors(address=ray_session.address, filters=[("state", "=", "ALIVE")])}
             time.sleep(0.5)
         assert {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names
-        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
-        state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
 
         # Round 1: the actor holding clients 0-2 is killed mid-round, while client 1 hangs on it; the
         # clients it was running are dropped, and the other actor takes over those it had not
@@ -86,21 +95,19 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         killer = threading.Timer(3.0, lambda: ray.kill(backend.actors[0], no_restart=False))
         killer.start()
         backend.timeout = 60  # bounds the test should client 1 ever run elsewhere and hang there
-        updates, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        updates, failed = backend.train(state, range(6), settings, seed, 1)
         killer.join()
         assert 1 in failed and set(failed) <= {0, 1, 2}
         assert sorted(failed + [u.client_id for u in updates]) == list(range(6))
         # Round 2: client 4 hangs past the round timeout; its actor is killed and restarted, and
         # the clients it held (its own, or others' it had taken over and queued) are dropped.
         backend.timeout = 15
-        updates, failed = backend.train(state, range(6), settings, cfg.seed, 2)
+        updates, failed = backend.train(state, range(6), settings, seed, 2)
         assert 4 in failed and len(updates) >= 2
         assert sorted(failed + [u.client_id for u in updates]) == list(range(6))
         # Round 3: both restarted actors serve again.
-        updates, failed = backend.train(state, range(6), settings, cfg.seed, 3)
+        updates, failed = backend.train(state, range(6), settings, seed, 3)
         assert failed == [] and len(updates) == 6
-    finally:
-        backend.shutdown()
 
 
 def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
@@ -108,26 +115,13 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
     client state, the other actor runs its clients too."""
     import ray
 
-    from rcsr_ray.data.federation import build_federation
-    from rcsr_ray.fl.strategy import make_strategy
-    from rcsr_ray.models.adapters import initial_params
-    from rcsr_ray.runtime.ray_backend import RayBackend
-
-    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3, "runtime.max_restarts": 0})
-    fed = build_federation(cfg)
-    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
-    backend = RayBackend(fed, cfg)
-    try:
-        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
-        state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
+    with _ray_backend(small_config, **{"runtime.max_restarts": 0}) as (backend, state, settings, seed):
         ray.kill(backend.actors[0], no_restart=True)
         backend.restarting.add(0)  # as after a failed round
-        updates, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        updates, failed = backend.train(state, range(6), settings, seed, 1)
         assert backend.gone == {0}
         assert failed == [] and [u.client_id for u in updates] == list(range(6))
         assert backend.guest_updates == 3  # clients 0-2, away from their home actor
-    finally:
-        backend.shutdown()
 
 
 def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session):
@@ -135,19 +129,8 @@ def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session
     restart; it attaches its clients again on its next call, and the round loses nobody."""
     import ray
 
-    from rcsr_ray.data.federation import build_federation
-    from rcsr_ray.fl.strategy import make_strategy
-    from rcsr_ray.models.adapters import initial_params
-    from rcsr_ray.runtime.ray_backend import RayBackend
-
-    cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3})
-    fed = build_federation(cfg)
-    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
-    backend = RayBackend(fed, cfg)
-    try:
-        params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
-        state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
-        first, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+    with _ray_backend(small_config) as (backend, state, settings, seed):
+        first, failed = backend.train(state, range(6), settings, seed, 1)
         assert failed == []
         actor = backend.actors[0]
         ray.kill(actor, no_restart=False)
@@ -162,11 +145,9 @@ def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session
             time.sleep(0.2)
         else:
             raise AssertionError("the killed actor was not restarted within 60 s")
-        again, failed = backend.train(state, range(6), settings, cfg.seed, 1)
+        again, failed = backend.train(state, range(6), settings, seed, 1)
         assert failed == [] and [u.client_id for u in again] == list(range(6))
         # Same round, same state: the restarted actor computes the same updates.
         assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
-        local = backend.evaluate_local(params, range(6))  # clients 0-2 are evaluated on the restarted actor
+        local = backend.evaluate_local(state.params, range(6))  # clients 0-2 are evaluated on the restarted actor
         assert len(local) == 6 and all(0 <= m["global_i2t_r1"] <= 100 for m in local)
-    finally:
-        backend.shutdown()

@@ -69,10 +69,10 @@ class RoundArgs:
 
 @ray.remote
 class ClientActor:
-    """Serves a block of clients. Their data arrives through `attach` rather than the constructor:
-    Ray cannot promise to restart an actor whose constructor arguments live in the object store, so
-    a restarted actor comes back empty, and attaches again on its next call (every call that needs
-    the clients carries the federation's ref, wrapped in a list so that Ray passes it as is)."""
+    """Serves a block of clients. Their data does not come through the constructor: Ray cannot
+    promise to restart an actor whose constructor arguments live in the object store. Instead every
+    call that needs the clients carries the federation's ref (wrapped in a list so that Ray passes
+    it as is), and the actor attaches on its first such call, and again after Ray restarted it."""
 
     def __init__(self, bottleneck: int, torch_threads: int, faults: str, home: range):
         torch.set_num_threads(torch_threads)
@@ -80,20 +80,18 @@ class ClientActor:
         self.faults = parse_faults(faults)
         self.home = home  # the clients whose data and state this actor keeps
         self.round: RoundArgs | None = None
-        self.deltas: np.ndarray | None = None  # the driver's shared delta matrix, when this actor can reach it
-        self.writer = RowWriter()
+        self.writer = RowWriter()  # the driver's shared delta matrix, when this actor can reach it
         self.worker: ClientWorker | None = None
 
-    def attach(self, federation) -> None:
-        self.worker = ClientWorker(federation, self.bottleneck, self.torch_threads, device=actor_device())
-
     def _serve(self, federation: list) -> ClientWorker:
-        """The worker; attached again first if Ray restarted this actor (after a failure, or a kill
-        between rounds that the backend never saw): its clients' private state is lost then."""
+        """The worker, attached first if need be. After Ray restarted this actor (a failure, or a
+        kill between rounds that the backend never saw) its clients' private state is lost."""
         if self.worker is None:
-            log.warning("actor for clients %d-%d was restarted: attaching its clients again",
-                        self.home.start, self.home.stop - 1)
-            self.attach(ray.get(federation[0]))
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                log.warning("actor for clients %d-%d was restarted: attaching its clients again",
+                            self.home.start, self.home.stop - 1)
+            self.worker = ClientWorker(ray.get(federation[0]), self.bottleneck, self.torch_threads,
+                                       device=actor_device())
         return self.worker
 
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
@@ -103,10 +101,9 @@ class ClientActor:
             self.round = round_args
             shared = round_args.shared
             if shared and shared[2] == ray.get_runtime_context().get_node_id():
-                self.deltas = self.writer.open(*shared[:2])
+                self.writer.open(*shared[:2])
             else:
                 self.writer.close()
-                self.deltas = None
         r = self.round
         if r is None or r.call != call:
             raise RuntimeError(f"chunk of call {call} without its round (the actor restarted since)")
@@ -115,12 +112,12 @@ class ClientActor:
         for c in clients:
             if c not in self.home:
                 self.worker.forget(c)
-        stashed = []
-        if self.deltas is not None:
+        stashed, deltas = [], self.writer.array
+        if deltas is not None:
             for u in results:
                 if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.dtype == torch.float32 \
-                        and u.delta.shape == self.deltas.shape[1:]:
-                    self.deltas[r.rows[u.client_id]] = u.delta.numpy()
+                        and u.delta.shape == deltas.shape[1:]:
+                    deltas[r.rows[u.client_id]] = u.delta.numpy()
                     u.delta = None
                     stashed.append(u.client_id)
         return results, stashed
@@ -175,10 +172,9 @@ class RayBackend:
         gpus = client_gpu_share(cfg, resources.get("GPU", 0))
         self.per_actor = plan_actors(n, resources.get("CPU", 1), rt.client_cpus, rt.clients_per_actor,
                                      resources.get("GPU", 0), gpus)
-        # One copy of the federation in the object store, held for the backend's lifetime, so that
-        # restarted actors can attach again.
-        self.federation_ref = ray.put(federation)
-        self.federation_arg = [self.federation_ref]
+        # One copy of the federation in the object store, held for the backend's lifetime; the list
+        # makes Ray hand actors the ref itself, to attach from on first use and after a restart.
+        self.federation_arg = [ray.put(federation)]
         self.client_profile = federation.client_profile()
         self.shards_are_cheap = federation.shards_are_cheap
         self.actors = []
@@ -190,7 +186,7 @@ class RayBackend:
                            max_restarts=rt.max_restarts, max_task_retries=0)
             self.actors.append(ClientActor.options(**options).remote(
                 cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1)))
-        ray.get([a.attach.remote(self.federation_ref) for a in self.actors])
+        ray.get([a.ping.remote(self.federation_arg) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
         self.guest_updates = 0  # client updates run away from the client's home actor
@@ -227,7 +223,7 @@ class RayBackend:
         def fill(actor: int) -> None:
             """Keep up to two chunks queued on `actor`, so that it rarely waits for the driver between
             chunks (the schedule holds a round's last clients back for whoever runs out first)."""
-            while not expired() and sum(a == actor for a, _ in pending.values()) < 2:
+            while not expired() and schedule.chunks_held[actor] < 2:
                 chunk = schedule.next_chunk(actor)
                 if not chunk:
                     return
