@@ -20,6 +20,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,10 @@ class ClientActor:
         """The worker, attached first if need be. After Ray restarted this actor (a failure, or a
         kill between rounds that the backend never saw) its clients' private state is lost."""
         if self.worker is None:
-            if ray.get_runtime_context().was_current_actor_reconstructed:
+            with warnings.catch_warnings():  # Ray's own property reads a deprecated one (actor_id)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            if restarted:
                 log.warning("actor for clients %d-%d was restarted: attaching its clients again",
                             self.home.start, self.home.stop - 1)
             self.worker = ClientWorker(ray.get(federation[0]), self.bottleneck, self.torch_threads,
