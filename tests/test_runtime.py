@@ -124,6 +124,43 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
         assert backend.guest_updates == 3  # clients 0-2, away from their home actor
 
 
+class _ForgetsItsRound:
+    """An actor handle whose actor loses its round just before every chunk sent without it, as an
+    actor that Ray restarted, unseen, between two chunks of one call."""
+
+    def __init__(self, actor):
+        self.actor, self.forgotten = actor, 0
+        self.train = self  # `.train.remote(...)` lands in `remote` below
+
+    def __getattr__(self, name):
+        return getattr(self.actor, name)
+
+    def remote(self, call, chunk, round_args=None):
+        import ray
+
+        if round_args is None:
+            ray.get(self.actor.__ray_call__.remote(lambda a: setattr(a, "round", None)))
+            self.forgotten += 1
+        return self.actor.train.remote(call, chunk, round_args)
+
+
+def test_actor_that_lost_its_round_mid_call_gets_its_chunk_again(small_config, ray_session):
+    """A chunk reaching an actor without the call's round (Ray restarted it since the call's first
+    chunk, and no task failed) comes back as None; the driver sends it again with the round, and the
+    round loses nobody."""
+    with _ray_backend(small_config, **{"runtime.clients_per_actor": 6}) as (backend, state, settings, seed):
+        first, failed = backend.train(state, range(6), settings, seed, 1)
+        assert failed == [] and backend.resent_chunks == 0
+        forgetful = backend.actors[0] = _ForgetsItsRound(backend.actors[0])
+        try:
+            again, failed = backend.train(state, range(6), settings, seed, 1)
+        finally:
+            backend.actors[0] = forgetful.actor  # the real handle, for shutdown
+        assert forgetful.forgotten >= 1 and backend.resent_chunks == forgetful.forgotten
+        assert failed == [] and [u.client_id for u in again] == list(range(6))
+        assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
+
+
 def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session):
     """An actor killed while idle (the backend sees no failure) comes back empty from Ray's
     restart; it attaches its clients again on its next call, and the round loses nobody."""

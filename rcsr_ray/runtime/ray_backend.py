@@ -100,7 +100,8 @@ class ClientActor:
 
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
         """The updates of `clients`, and which of them left their delta in the shared matrix (their
-        `delta` is None here). `round_args` comes with an actor's first chunk of a call only."""
+        `delta` is None here). `round_args` comes with an actor's first chunk of a call only; without
+        it and without the call's round (restarted since), None."""
         if round_args is not None:
             self.round = round_args
             shared = round_args.shared
@@ -110,7 +111,7 @@ class ClientActor:
                 self.writer.close()
         r = self.round
         if r is None or r.call != call:
-            raise RuntimeError(f"chunk of call {call} without its round (the actor restarted since)")
+            return None  # restarted by Ray since the call's first chunk: the driver resends with the round
         results = run_clients(self._serve(r.federation), clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
                               self.faults, in_process=False)
         for c in clients:
@@ -200,6 +201,7 @@ class RayBackend:
         self.shared: SharedRows | None = None  # the delta matrix, grown to the largest round
         self.shared_unavailable = False  # no shared memory here (or no room): not tried again
         self.shared_updates = 0  # client updates whose delta came through the shared matrix
+        self.resent_chunks = 0  # chunks sent again with the round to an actor restarted mid-call
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
@@ -246,10 +248,10 @@ class RayBackend:
             if not ready:
                 break
             actor, cs = pending.pop(ready[0])
-            schedule.done(actor, cs)
             try:
-                part, stashed = ray.get(ready[0])
+                out = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                schedule.done(actor, cs)
                 log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, type(exc).__name__)
                 results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
                 self.restarting.add(actor)
@@ -266,6 +268,16 @@ class RayBackend:
                 for other in range(len(self.actors)):
                     fill(other)
                 continue
+            if out is None:
+                # Restarted by Ray between this call's chunks without any of them failing (killed
+                # while idle): the chunk still belongs to the actor, which gets the round with it.
+                log.warning("actor for clients %s was restarted during round %d: sent again with the round",
+                            cs, round_idx)
+                pending[self.actors[actor].train.remote(self.calls, cs, round_ref)] = (actor, cs)
+                self.resent_chunks += 1
+                continue
+            schedule.done(actor, cs)
+            part, stashed = out
             fill(actor)  # before reading the results: the actor works meanwhile
             for u in part:
                 if u.client_id in stashed:
