@@ -97,7 +97,15 @@ def workload(clients: int, participants: int) -> dict:
             "data.synthetic.train_images": clients * IMAGES_PER_CLIENT, "runtime.backend": "ray"}
 
 
-def measure(clients: int, participants: int, rounds: int, warmup: int) -> tuple[float, float, float]:
+def history_gb(run: Run) -> float:
+    """RCSR's per-client update history (rcsr.history_dims) once every client has taken part, in GB:
+    a short run samples a few of them, a long one all."""
+    history = run.strategy.history
+    per_client = (history.dims or run.params.numel()) * 4
+    return per_client * run.fed.num_clients / 2**30
+
+
+def measure(clients: int, participants: int, rounds: int, warmup: int) -> tuple[float, float, float, float]:
     open_store(load_config(overrides=workload(clients, participants)))  # generated once, then cached
     t0 = time.perf_counter()
     with PeakPSS() as pss:
@@ -109,7 +117,7 @@ def measure(clients: int, participants: int, rounds: int, warmup: int) -> tuple[
             run.backend.shutdown()
         sec = statistics.median(run.times[warmup:])
     print(f"{clients} clients, largest processes at peak (GB): {pss.top()}")
-    return sec, pss.peak / 2**30, time.perf_counter() - t0
+    return sec, pss.peak / 2**30, time.perf_counter() - t0, history_gb(run)
 
 
 def main() -> None:
@@ -129,14 +137,17 @@ def main() -> None:
     large = measure(args.clients, args.participants, args.rounds, args.warmup)
     ray.shutdown()
     print(f"Ray idle (daemons + this process): {baseline:.2f} GB PSS")
-    print(f"{'clients':>8}{'per round':>11}{'s/round':>9}{'peak PSS GB':>13}{'wall s':>8}")
-    for n, (sec, gb, wall) in ((args.small_clients, small), (args.clients, large)):
-        print(f"{n:>8}{args.participants:>11}{sec:>9.3f}{gb:>13.2f}{wall:>8.1f}")
+    print(f"{'clients':>8}{'per round':>11}{'s/round':>9}{'peak PSS GB':>13}{'wall s':>8}{'history GB':>12}")
+    for n, (sec, gb, wall, hist) in ((args.small_clients, small), (args.clients, large)):
+        print(f"{n:>8}{args.participants:>11}{sec:>9.3f}{gb:>13.2f}{wall:>8.1f}{hist:>12.2f}")
+    print("history GB: the server's record of each client's previous update once every client has taken part "
+          "(rcsr.history_dims), on top of the peak of this short run")
     print(f"s/round ratio {args.clients} vs {args.small_clients} clients: {large[0] / small[0]:.2f}")
     print(json.dumps({"clients": args.clients, "participants": args.participants,
                       "sec_per_round": round(large[0], 4), "peak_pss_gb": round(large[1], 3),
                       "small_clients": args.small_clients, "small_sec_per_round": round(small[0], 4),
-                      "small_peak_pss_gb": round(small[1], 3), "idle_pss_gb": round(baseline, 3)}))
+                      "small_peak_pss_gb": round(small[1], 3), "idle_pss_gb": round(baseline, 3),
+                      "history_gb_all_clients": round(large[3], 3), "small_history_gb_all_clients": round(small[3], 3)}))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ class RCSRConfig:
     b2: float = 1.0  # text prototype consistency
     b4: float = 0.1  # router weight entropy bonus
     b5: float = 0.3  # alignment direction consistency
+    # How the server keeps each client's previous update (for the cosine in the update geometry):
+    # 0 = the update itself; k > 0 = a k-bucket count sketch (estimated cosine); null = auto: exact
+    # while every client's update fits in 1 GiB, else 4096 buckets
+    history_dims: int | None = None
 
 
 @dataclass
@@ -275,6 +279,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rcsr.router_heads": (_positive, "a positive integer"),
     "rcsr.router_blocks": (_nonneg, "an integer >= 0"),
     "rcsr.router_lr": (_positive, "a number > 0"),
+    "rcsr.history_dims": (lambda v: v is None or (type(v) is int and v >= 0), "an integer >= 0, or null (auto)"),
     "eval.protocol": (lambda v: v in ("standard", "diagonal"), "one of standard, diagonal"),
     "eval.every": (_positive, "a positive integer"),
     "eval.local_test_images": (_positive, "a positive integer"),

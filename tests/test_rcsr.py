@@ -8,6 +8,7 @@ import torch
 from rcsr_ray.data.federation import build_federation
 from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState, anchor_loss
+from rcsr_ray.fl.rcsr import AUTO_HISTORY_DIMS, UpdateHistory
 from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.runtime.loop import run_simulation
 
@@ -189,16 +190,43 @@ def test_server_computes_cosine_to_each_clients_previous_update(small_config):
         assert u.geometry.shape == (3,)
         torch.testing.assert_close(u.geometry[0], u.delta.norm())
         torch.testing.assert_close(u.geometry[2], u.delta.norm() / u.num_samples ** 0.5)
-        assert strategy.previous_update[u.client_id][0] is u.delta
+        assert strategy.history.codes[u.client_id][0] is u.delta  # small federation: kept whole
     u = trained[0]
     # A made-up next update of that client: the cosine to its first one, by hand.
     nxt = ClientUpdate(u.client_id, u.modality, u.num_samples, 2 * u.delta + torch.roll(u.delta, 1))
     nxt.geometry = torch.stack([nxt.delta.norm(), torch.tensor(0.5), nxt.delta.norm() / 3])
     expected = float(nxt.delta.double() @ u.delta.double() / (nxt.delta.double().norm() * u.delta.double().norm()))
-    geometry = strategy.geometry(nxt)
+    geometry = strategy.geometry(nxt, strategy.history.code(nxt.delta))
     assert geometry.shape == (4,) and 0.5 < expected < 1
     assert math.isclose(float(geometry[2]), expected, rel_tol=1e-5)
     assert float(geometry[1]) == 0.5
     # A client never seen before has cosine 0.
     unseen = ClientUpdate(10 ** 6, u.modality, 5, u.delta, geometry=u.geometry)
-    assert float(strategy.geometry(unseen)[2]) == 0.0
+    assert float(strategy.geometry(unseen, u.delta)[2]) == 0.0
+
+
+def test_update_history_sketches_estimate_the_cosine_in_bounded_memory():
+    """Count sketches of 4096 buckets estimate the cosine of two 132k-parameter updates within 0.05
+    (about 2.5 standard deviations), keep 4096 floats a client, and are fixed by the seed; auto keeps
+    updates whole while all clients' fit in 1 GiB."""
+    g = torch.Generator().manual_seed(0)
+    size = 132_224  # a bottleneck-64 adapter pair on 512-d features
+    a = torch.randn(size, generator=g)
+    noise = torch.randn(size, generator=g)
+    history = UpdateHistory(4096, 10_000, seed=3)
+    code_a = history.code(a)
+    assert code_a.shape == (4096,) and code_a.dtype == torch.float32
+    history.keep(7, code_a, a.norm())
+    for target in (0.9, 0.3, 0.0, -0.6):
+        b = target * a + math.sqrt(1 - target ** 2) * noise  # cosine to a: about `target`
+        exact = float(b.double() @ a.double() / (b.double().norm() * a.double().norm()))
+        estimate = float(history.cosine(7, history.code(b), b.norm()))
+        assert abs(estimate - exact) < 0.05, (target, exact, estimate)
+    assert torch.equal(UpdateHistory(4096, 10_000, seed=3).code(a), code_a)
+    assert not torch.equal(UpdateHistory(4096, 10_000, seed=4).code(a), code_a)
+    assert float(history.cosine(8, code_a, a.norm())) == 0.0  # a client's first update
+    # auto: 1,000 clients x 132k parameters x 4 bytes = 0.53 GB stay whole; 10,000 (5.3 GB) are sketched
+    small, large = UpdateHistory(None, 1_000, 0), UpdateHistory(None, 10_000, 0)
+    assert small.code(a) is a and small.dims == 0
+    assert large.code(a).shape == (AUTO_HISTORY_DIMS,) and large.dims == AUTO_HISTORY_DIMS
+    assert UpdateHistory(0, 10_000, 0).code(a) is a  # asked for whole updates: kept whole

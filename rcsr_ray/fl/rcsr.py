@@ -3,6 +3,8 @@ EMA global prototypes, one router step per round. Each piece can be switched off
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rcsr_ray.config import Config
@@ -11,6 +13,59 @@ from rcsr_ray.fl.rcsr_server import (GlobalPrototypes, RouterTrainer, client_ali
                                      minimax_update, prototype_coherence, weight_entropy)
 from rcsr_ray.fl.strategy import FedAvg
 from rcsr_ray.models.router import SemanticRouter
+
+log = logging.getLogger(__name__)
+
+AUTO_HISTORY_BYTES = 2**30  # auto: exact previous updates while all clients' fit in this
+AUTO_HISTORY_DIMS = 4096  # else count sketches of this many buckets (cosine within about +-0.02)
+
+
+class UpdateHistory:
+    """Each client's latest accepted update, for the cosine to its previous one (METHOD.md's update
+    geometry). The server saw every update, so clients keep nothing for it.
+
+    `dims` 0 keeps the update itself: 4 bytes a parameter a client, 5 GB for 10^4 clients of a
+    bottleneck-64 adapter pair. `dims` k > 0 keeps a k-bucket count sketch (each parameter added,
+    with a random sign, into one of k buckets; fixed by the seed): the dot product of two sketches
+    is an unbiased estimate of the updates' dot product, with a standard deviation of about
+    |a| |b| / sqrt(k). `dims` None decides at the first update: exact while every client's update
+    fits in AUTO_HISTORY_BYTES."""
+
+    def __init__(self, dims: int | None, num_clients: int, seed: int):
+        self.dims, self.num_clients, self.seed = dims, num_clients, seed
+        self.codes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client -> (code, update norm)
+        self.bucket = self.sign = None
+
+    def _resolve(self, size: int) -> None:
+        if self.dims is None:
+            exact = self.num_clients * size * 4 <= AUTO_HISTORY_BYTES
+            self.dims = 0 if exact else AUTO_HISTORY_DIMS
+            if not exact:
+                log.info("rcsr: %d clients x %d parameters: previous updates kept as %d-bucket sketches "
+                         "(rcsr.history_dims=0 keeps them whole)", self.num_clients, size, self.dims)
+        if self.dims and self.bucket is None:
+            g = torch.Generator().manual_seed(self.seed)
+            self.bucket = torch.randint(self.dims, (size,), generator=g)
+            self.sign = torch.randint(2, (size,), generator=g).double().mul_(2).sub_(1)
+
+    def code(self, delta: torch.Tensor) -> torch.Tensor:
+        """What is kept of `delta`: itself, or its sketch."""
+        self._resolve(delta.numel())
+        if not self.dims:
+            return delta
+        return torch.bincount(self.bucket, weights=delta.double() * self.sign, minlength=self.dims).float()
+
+    def cosine(self, client: int, code: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Cosine between the update coded as `code` (norm `norm`) and the client's previous one; 0
+        for a client's first update."""
+        prev = self.codes.get(client)
+        if prev is None:
+            return norm.new_zeros(())
+        # One dot product: both norms are known (F.cosine_similarity costs 20x more at this size).
+        return (torch.dot(code, prev[0]) / (norm * prev[1]).clamp_min(1e-8)).clamp(-1.0, 1.0)
+
+    def keep(self, client: int, code: torch.Tensor, norm: torch.Tensor) -> None:
+        self.codes[client] = (code, norm)
 
 
 class RCSR(FedAvg):
@@ -26,9 +81,7 @@ class RCSR(FedAvg):
         self.router = RouterTrainer(dim, r.router_hidden, r.router_heads, r.router_blocks, seed=cfg.seed,
                                     lr=r.router_lr, b1=r.b1, b2=r.b2, b4=r.b4, b5=r.b5) if r.router else None
         self.diagnostics: list[dict] = []  # one row per participating client per round
-        # Each client's latest accepted update and its norm, for the cosine to the previous update in
-        # the router's geometry features; the server saw every update, so clients keep nothing for it.
-        self.previous_update: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.history = UpdateHistory(r.history_dims, num_clients, cfg.seed)
 
     def client_settings(self, round_idx: int) -> ClientSettings:
         r = self.cfg.rcsr
@@ -40,15 +93,11 @@ class RCSR(FedAvg):
     def broadcast(self, round_idx: int, params: torch.Tensor) -> GlobalState:
         return GlobalState(params, self.prototypes.client_view() if self.cfg.rcsr.anchoring else None)
 
-    def geometry(self, u: ClientUpdate) -> torch.Tensor:
+    def geometry(self, u: ClientUpdate, code: torch.Tensor) -> torch.Tensor:
         """METHOD.md's update geometry: the client's (norm, image share, norm / sqrt(n)) with the
-        cosine to its previous update in third place."""
+        cosine to its previous update in third place (`code`: the update as the history keeps it)."""
         norm, image_share, per_sample = u.geometry
-        prev = self.previous_update.get(u.client_id)
-        # One dot product: both norms are known (F.cosine_similarity costs 20x more at this size).
-        cos = torch.dot(u.delta, prev[0]) / (norm * prev[1]).clamp_min(1e-8) if prev is not None \
-            else norm.new_zeros(())
-        return torch.stack([norm, image_share, cos, per_sample])
+        return torch.stack([norm, image_share, self.history.cosine(u.client_id, code, norm), per_sample])
 
     def aggregate(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:
         r = self.cfg.rcsr
@@ -63,8 +112,10 @@ class RCSR(FedAvg):
             return params, metrics
         protos = [u.prototypes for u in ok]
         img_p, txt_p, has = self.prototypes.pool_clients(protos)
-        geometry = torch.stack([self.geometry(u) for u in ok])
-        self.previous_update.update((u.client_id, (u.delta, u.geometry[0])) for u in ok)
+        codes = [self.history.code(u.delta) for u in ok]
+        geometry = torch.stack([self.geometry(u, code) for u, code in zip(ok, codes)])
+        for u, code in zip(ok, codes):
+            self.history.keep(u.client_id, code, u.geometry[0])
         mask = has.float()  # the router's modality mask (image, text): what each client reported
         losses = torch.tensor([u.loss for u in ok], dtype=torch.float32)
         tokens = SemanticRouter.build_tokens(img_p, txt_p, geometry, mask, losses)
