@@ -230,3 +230,23 @@ def test_update_history_sketches_estimate_the_cosine_in_bounded_memory():
     assert small.code(a) is a and small.dims == 0
     assert large.code(a).shape == (AUTO_HISTORY_DIMS,) and large.dims == AUTO_HISTORY_DIMS
     assert UpdateHistory(0, 10_000, 0).code(a) is a  # asked for whole updates: kept whole
+
+
+def test_sketched_history_drives_the_same_server_step(small_config):
+    """RCSR with rcsr.history_dims=1024 runs its server step on sketches: round 2's cosines to each
+    client's round-1 update come out close to the exact ones (4.3k parameters here), and what the
+    server keeps per client is 1024 floats."""
+    cosines = {}
+    for dims in (0, 1024):
+        cfg, fed, strategy, worker = _setup(small_config, **{"rcsr.history_dims": dims})
+        _, params, _ = _round(strategy, worker, fed, worker.model.flat.clone(), 1, cfg)
+        state, settings = strategy.broadcast(2, params), strategy.client_settings(2)
+        updates = [worker.update(c, state, settings, cfg.seed, 2) for c in range(fed.num_clients)]
+        seen = [u for u in updates if u.delta is not None and u.client_id in strategy.history.codes]
+        cosines[dims] = [float(strategy.geometry(u, strategy.history.code(u.delta))[2]) for u in seen]
+        strategy.aggregate(2, params, updates)
+        assert {code.numel() for code, _ in strategy.history.codes.values()} == {dims or params.numel()}
+    exact, sketched = cosines[0], cosines[1024]
+    assert len(exact) > 2 and max(exact) - min(exact) > 0.05  # cosines that differ between clients
+    assert all(-1 <= c <= 1 for c in sketched)
+    assert max(abs(a - b) for a, b in zip(exact, sketched)) < 0.15
