@@ -194,7 +194,7 @@ class RayBackend:
         ray.get([a.ping.remote(self.federation_arg) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
-        self.guest_updates = 0  # client updates run away from the client's home actor
+        self.guest_updates = 0  # client updates run (and returned) away from the client's home actor
         self.gone: set[int] = set()  # actors past runtime.max_restarts: they get no more clients
         self.calls = 0
         self.node = ray.get_runtime_context().get_node_id()
@@ -237,7 +237,6 @@ class RayBackend:
                 started.add(actor)
                 ref = self.actors[actor].train.remote(self.calls, chunk, round_ref if first else None)
                 pending[ref] = (actor, chunk)
-                self.guest_updates += sum(self._home(c) != actor for c in chunk)
 
         for actor in range(len(self.actors)):
             fill(actor)
@@ -278,6 +277,7 @@ class RayBackend:
                 continue
             schedule.done(actor, cs)
             part, stashed = out
+            self.guest_updates += sum(self._home(c) != actor for c in cs)
             fill(actor)  # before reading the results: the actor works meanwhile
             for u in part:
                 if u.client_id in stashed:
