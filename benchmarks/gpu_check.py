@@ -78,9 +78,12 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
                     torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0)
 
         def direct(actor):
-            """Seconds for the actor's home clients of the last round, called in the actor itself (the
-            second of two passes): the actor's compute alone, without the backend's scheduling."""
+            """Seconds for all the actor's home clients with the last round it ran, called in the actor
+            itself (the second of two passes): the actor's compute alone, without the backend's
+            scheduling. None for an actor that ran no round."""
             r = actor.round
+            if r is None:
+                return None
             for _ in range(2):
                 t0 = time.perf_counter()
                 for c in actor.home:
@@ -90,7 +93,7 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
         import ray
 
         actors = ray.get([a.__ray_call__.remote(describe) for a in gpu.actors])
-        direct_s = ray.get([a.__ray_call__.remote(direct) for a in gpu.actors])
+        direct_s = [s for s in ray.get([a.__ray_call__.remote(direct) for a in gpu.actors]) if s is not None]
         return {"actors": len(gpu.actors), "clients_per_actor": gpu.per_actor,
                 "actor_devices": sorted({d for d, _, _ in actors}),
                 "actor_gpu_ids": sorted({g for _, ids, _ in actors for g in ids}),
@@ -125,8 +128,9 @@ def main() -> None:
     cfg_gpu = load_config(preset="S4", overrides={**keys, "runtime.backend": "ray",
                                                   "runtime.client_gpus": args.client_gpus})
 
-    res = {"gpu": torch.cuda.get_device_name(0), "client_gpus": args.client_gpus, "rounds": args.rounds}
-    res.update(compare_rounds(cfg_cpu, cfg_gpu, min(args.rounds, 3)))
+    res = {"gpu": torch.cuda.get_device_name(0), "client_gpus": args.client_gpus, "rounds": args.rounds,
+           "compared_rounds": min(args.rounds, 3)}
+    res.update(compare_rounds(cfg_cpu, cfg_gpu, res["compared_rounds"]))
     cpu_summary, cpu_s = timed_run(cfg_cpu)
     gpu_summary, gpu_s = timed_run(cfg_gpu)
     res.update(cpu_mean_r1=cpu_summary["mean_r1"], gpu_mean_r1=gpu_summary["mean_r1"],

@@ -232,10 +232,10 @@ def test_update_history_sketches_estimate_the_cosine_in_bounded_memory():
     assert UpdateHistory(0, 10_000, 0).code(a) is a  # asked for whole updates: kept whole
 
 
-def test_sketched_history_drives_the_same_server_step(small_config):
-    """RCSR with rcsr.history_dims=1024 runs its server step on sketches: round 2's cosines to each
-    client's round-1 update come out close to the exact ones (4.3k parameters here), and what the
-    server keeps per client is 1024 floats."""
+def test_sketched_history_gives_cosines_close_to_the_exact_ones(small_config):
+    """RCSR with rcsr.history_dims=1024: the round-1 updates its server step kept are sketches of
+    1024 floats, and round 2's cosines to them come out close to the exact ones (4.3k parameters
+    here)."""
     cosines = {}
     for dims in (0, 1024):
         cfg, fed, strategy, worker = _setup(small_config, **{"rcsr.history_dims": dims})
@@ -248,5 +248,4 @@ def test_sketched_history_drives_the_same_server_step(small_config):
         assert {code.numel() for code, _ in strategy.history.codes.values()} == {dims or params.numel()}
     exact, sketched = cosines[0], cosines[1024]
     assert len(exact) > 2 and max(exact) - min(exact) > 0.05  # cosines that differ between clients
-    assert all(-1 <= c <= 1 for c in sketched)
     assert max(abs(a - b) for a, b in zip(exact, sketched)) < 0.15

@@ -124,9 +124,15 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
         assert backend.guest_updates == 3  # clients 0-2, away from their home actor
 
 
+def _as_restarted(actor) -> None:
+    """What a restart leaves of a ClientActor: no round, no clients, no shared matrix."""
+    actor.round, actor.worker = None, None
+    actor.writer.close()
+
+
 class _ForgetsItsRound:
-    """An actor handle whose actor loses its round just before every chunk sent without it, as an
-    actor that Ray restarted, unseen, between two chunks of one call."""
+    """An actor handle whose actor is emptied as by a restart just before every chunk sent without
+    the round, as an actor that Ray restarted, unseen, between two chunks of one call."""
 
     def __init__(self, actor):
         self.actor, self.forgotten = actor, 0
@@ -139,7 +145,7 @@ class _ForgetsItsRound:
         import ray
 
         if round_args is None:
-            ray.get(self.actor.__ray_call__.remote(lambda a: setattr(a, "round", None)))
+            ray.get(self.actor.__ray_call__.remote(_as_restarted))
             self.forgotten += 1
         return self.actor.train.remote(call, chunk, round_args)
 
@@ -158,6 +164,8 @@ def test_actor_that_lost_its_round_mid_call_gets_its_chunk_again(small_config, r
             backend.actors[0] = forgetful.actor  # the real handle, for shutdown
         assert forgetful.forgotten >= 1 and backend.resent_chunks == forgetful.forgotten
         assert failed == [] and [u.client_id for u in again] == list(range(6))
+        # the resent chunks' deltas too came through the shared matrix (reopened after the "restart")
+        assert backend.shared_updates == sum(u.delta is not None for u in first + again) > 0
         assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
 
 

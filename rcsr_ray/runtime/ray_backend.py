@@ -194,7 +194,7 @@ class RayBackend:
         ray.get([a.ping.remote(self.federation_arg) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
-        self.guest_updates = 0  # client updates run (and returned) away from the client's home actor
+        self.guest_updates = 0  # client updates made away from the client's home actor
         self.gone: set[int] = set()  # actors past runtime.max_restarts: they get no more clients
         self.calls = 0
         self.node = ray.get_runtime_context().get_node_id()
@@ -270,6 +270,10 @@ class RayBackend:
             if out is None:
                 # Restarted by Ray between this call's chunks without any of them failing (killed
                 # while idle): the chunk still belongs to the actor, which gets the round with it.
+                if expired():
+                    schedule.done(actor, cs)  # too late to run it: its clients did not run in time
+                    results.extend(ClientFailure(c, "timeout") for c in cs)
+                    continue
                 log.warning("actor for clients %s was restarted during round %d: sent again with the round",
                             cs, round_idx)
                 pending[self.actors[actor].train.remote(self.calls, cs, round_ref)] = (actor, cs)
@@ -277,7 +281,7 @@ class RayBackend:
                 continue
             schedule.done(actor, cs)
             part, stashed = out
-            self.guest_updates += sum(self._home(c) != actor for c in cs)
+            self.guest_updates += sum(isinstance(u, ClientUpdate) and self._home(u.client_id) != actor for u in part)
             fill(actor)  # before reading the results: the actor works meanwhile
             for u in part:
                 if u.client_id in stashed:
