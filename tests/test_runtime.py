@@ -134,8 +134,8 @@ class _ForgetsItsRound:
     """An actor handle whose actor is emptied as by a restart just before every chunk sent without
     the round, as an actor that Ray restarted, unseen, between two chunks of one call."""
 
-    def __init__(self, actor):
-        self.actor, self.forgotten = actor, 0
+    def __init__(self, actor, delay_s: float = 0.0):
+        self.actor, self.forgotten, self.delay_s = actor, 0, delay_s
         self.train = self  # `.train.remote(...)` lands in `remote` below
 
     def __getattr__(self, name):
@@ -147,7 +147,9 @@ class _ForgetsItsRound:
         if round_args is None:
             ray.get(self.actor.__ray_call__.remote(_as_restarted))
             self.forgotten += 1
-        return self.actor.train.remote(call, chunk, round_args)
+        ref = self.actor.train.remote(call, chunk, round_args)
+        time.sleep(self.delay_s if round_args is None else 0.0)  # holds the driver: its answer waits
+        return ref
 
 
 def test_actor_that_lost_its_round_mid_call_gets_its_chunk_again(small_config, ray_session):
@@ -167,6 +169,24 @@ def test_actor_that_lost_its_round_mid_call_gets_its_chunk_again(small_config, r
         # the resent chunks' deltas too came through the shared matrix (reopened after the "restart")
         assert backend.shared_updates == sum(u.delta is not None for u in first + again) > 0
         assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
+
+
+def test_chunk_without_its_round_past_the_deadline_is_not_sent_again(small_config, ray_session):
+    """Past the round's timeout, a chunk answered with "no round" is counted as timed out, not sent
+    again; the actor is not killed (it did nothing wrong) and serves the next round in full."""
+    with _ray_backend(small_config, **{"runtime.clients_per_actor": 6, "runtime.round_timeout_s": 2.0}) \
+            as (backend, state, settings, seed):
+        backend.train(state, range(6), settings, seed, 1)  # the actor up and its shards read
+        forgetful = backend.actors[0] = _ForgetsItsRound(backend.actors[0], delay_s=2.5)
+        try:
+            updates, failed = backend.train(state, range(6), settings, seed, 1)
+        finally:
+            backend.actors[0] = forgetful.actor
+        assert forgetful.forgotten == 1 and backend.resent_chunks == 0
+        assert failed and sorted([u.client_id for u in updates] + failed) == list(range(6))
+        assert backend.restarting == set()  # not killed
+        again, failed = backend.train(state, range(6), settings, seed, 1)
+        assert failed == [] and [u.client_id for u in again] == list(range(6))
 
 
 def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session):
