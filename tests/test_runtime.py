@@ -117,6 +117,18 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
 
     with _ray_backend(small_config, **{"runtime.max_restarts": 0}) as (backend, state, settings, seed):
         ray.kill(backend.actors[0], no_restart=True)
+        # ray.kill returns before the actor is dead: a call sent meanwhile could still be answered
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray.get(backend.actors[0].__ray_call__.remote(lambda a: None), timeout=5)
+                time.sleep(0.1)
+            except ray.exceptions.ActorDiedError:
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass  # dying
+        else:
+            raise AssertionError("the killed actor still answered after 30 s")
         backend.restarting.add(0)  # as after a failed round
         updates, failed = backend.train(state, range(6), settings, seed, 1)
         assert backend.gone == {0}
