@@ -9,7 +9,7 @@ import torch
 
 from rcsr_ray.data.store import StoreError
 from rcsr_ray.runtime.loop import run_simulation
-from rcsr_ray.runtime.ray_backend import plan_actors
+from rcsr_ray.runtime.ray_backend import gpu_advice, plan_actors
 from tests.cluster_util import rcsr_samples
 
 
@@ -76,6 +76,14 @@ def test_plan_actors_respects_gpu_shares():
     assert plan_actors(10, 8, 1.0, None) == 2  # CPUs only: 8 actors
     assert plan_actors(3, 8, 1.0, None, cluster_gpus=1, client_gpus=0.1) == 1
     assert plan_actors(10, 8, 1.0, 4, cluster_gpus=1, client_gpus=0.25) == 4  # as asked
+
+
+def test_gpu_client_actors_on_cached_features_are_advised_against(small_config):
+    assert "runtime.client_gpus=0.1 on cached features" in gpu_advice(small_config(), 0.1)
+    assert gpu_advice(small_config(), 0.0) is None  # no GPU share: nothing to say
+    blocks = small_config()
+    blocks.model.adapter.placement = "blocks"  # (a valid blocks config needs a feature store of images)
+    assert gpu_advice(blocks, 0.1) is None  # the backbone wants the GPU
 
 
 def test_driver_actor_stopped_and_restarted_resumes_bit_identical(small_config, ray_session, tmp_path):

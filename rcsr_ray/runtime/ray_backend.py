@@ -163,6 +163,15 @@ def client_gpu_share(cfg: Config, cluster_gpus: float) -> float:
     return cfg.runtime.client_gpus if cluster_gpus > 0 else 0.0
 
 
+def gpu_advice(cfg: Config, gpu_share: float) -> str | None:
+    """A warning for GPU client actors on cached features, where they were measured slower than CPU ones."""
+    if gpu_share and cfg.model.adapter.placement == "head":
+        return (f"runtime.client_gpus={gpu_share:g} on cached features (model.adapter.placement=head): these "
+                "adapter updates are bound by kernel launches, and GPU client actors ran slower than CPU ones "
+                "where measured (README, GPUs); runtime.client_gpus=0 keeps them on CPUs")
+    return None
+
+
 class RayBackend:
     name = "ray"
 
@@ -175,6 +184,8 @@ class RayBackend:
         n = federation.num_clients
         resources = ray.cluster_resources()
         gpus = client_gpu_share(cfg, resources.get("GPU", 0))
+        if advice := gpu_advice(cfg, gpus):
+            log.warning(advice)
         self.per_actor = plan_actors(n, resources.get("CPU", 1), rt.client_cpus, rt.clients_per_actor,
                                      resources.get("GPU", 0), gpus)
         # One copy of the federation in the object store, held for the backend's lifetime; the list
