@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
+import ray
 import torch
 
 from rcsr_ray.config import load_config
@@ -30,6 +32,7 @@ from rcsr_ray.data.federation import build_federation
 from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.runtime.backends import LocalBackend
 from rcsr_ray.runtime.loop import run_simulation
+from rcsr_ray.runtime.ray_backend import RayBackend
 
 
 def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,8 +41,6 @@ def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
-    from rcsr_ray.runtime.ray_backend import RayBackend
-
     fed = build_federation(cfg_cpu)
     strategy = make_strategy(cfg_cpu, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
     cpu = LocalBackend(fed, cfg_cpu)
@@ -48,7 +49,7 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
     start_s = time.perf_counter() - t0  # actors up, clients attached: CUDA contexts included
     try:
         params = cpu.worker.model.flat.detach().clone()
-        gaps, trained = [], 0  # trained: updates with a delta
+        gaps = []  # one per update with a delta
         seconds = {"cpu": [], "gpu": []}  # per round, train calls alone
         for r in range(1, rounds + 1):
             state, settings = strategy.broadcast(r, params), strategy.client_settings(r)
@@ -68,12 +69,9 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
                     raise RuntimeError(f"round {r}: client {a.client_id} has a delta on one backend only")
                 if a.delta is not None:  # None: the client had nothing it could train on
                     gaps.append(relative_gap(a.delta, b.delta))
-            trained += sum(u.delta is not None for u in on_gpu)
             params, _ = strategy.aggregate(r, params, on_cpu)  # both go on from the CPU's state
 
         def describe(actor):
-            import ray
-
             return (str(actor.worker.device) if actor.worker else None, [str(g) for g in ray.get_gpu_ids()],
                     torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0)
 
@@ -90,19 +88,17 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
                     actor.worker.update(c, r.state, r.settings, r.seed, r.round_idx)
             return time.perf_counter() - t0
 
-        import ray
-
         actors = ray.get([a.__ray_call__.remote(describe) for a in gpu.actors])
         direct_s = [s for s in ray.get([a.__ray_call__.remote(direct) for a in gpu.actors]) if s is not None]
         return {"actors": len(gpu.actors), "clients_per_actor": gpu.per_actor,
                 "actor_devices": sorted({d for d, _, _ in actors}),
                 "actor_gpu_ids": sorted({g for _, ids, _ in actors for g in ids}),
                 "actor_cuda_mib_max": max(m for _, _, m in actors),
-                "client_updates": trained, "shared_updates": gpu.shared_updates, "gpu_backend_start_s": start_s,
+                "client_updates": len(gaps), "shared_updates": gpu.shared_updates, "gpu_backend_start_s": start_s,
                 # the last round: the first moves every shard to the device
                 "cpu_train_s": seconds["cpu"][-1], "gpu_train_s": seconds["gpu"][-1],
                 "gpu_train_s_by_round": seconds["gpu"], "actor_direct_s_max": max(direct_s),
-                "delta_gap_max": max(gaps), "delta_gap_median": sorted(gaps)[len(gaps) // 2]}
+                "delta_gap_max": max(gaps), "delta_gap_median": statistics.median(gaps)}
     finally:
         gpu.shutdown()
 

@@ -44,10 +44,15 @@ RCSR_S4 = {**PEER, "preset": "S4", "fed.method": "rcsr", "data.synthetic.client_
 IMAGES_PER_CLIENT = PEER["data.synthetic.train_images"] // PEER["partition.num_clients"]
 
 
+def with_clients(keys: dict, clients: int) -> dict:
+    """`keys` over `clients` clients of the peer workload's size each."""
+    return {**keys, "partition.num_clients": clients, "data.synthetic.train_images": clients * IMAGES_PER_CLIENT}
+
+
 def one_per_actor(keys: dict, clients: int, cpus: float) -> dict:
-    """`keys` over `clients` clients of the same size, each on its own actor (sharing the CPUs)."""
-    return {**keys, "partition.num_clients": clients, "data.synthetic.train_images": clients * IMAGES_PER_CLIENT,
-            "runtime.backend": "ray", "runtime.clients_per_actor": 1, "runtime.client_cpus": cpus / clients}
+    """`keys` over `clients` clients, each on its own actor (sharing the CPUs)."""
+    return {**with_clients(keys, clients), "runtime.backend": "ray", "runtime.clients_per_actor": 1,
+            "runtime.client_cpus": cpus / clients}
 
 
 def smaps_rollup_kb(pid: int) -> dict[str, int]:
@@ -118,39 +123,35 @@ def main() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
     cpus = ray.cluster_resources()["CPU"]
     free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
-    rows, res = [], {}
+    res = {}  # label -> (local s/round, ray s/round, identical, largest actor's private GB)
 
-    def measure(label: str, local_keys: dict, ray_keys: dict) -> None:
-        local_s, ray_s, same, actor_gb = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
-        rows.append((label, local_s, ray_s, ray_s / local_s, same))
-        res[label] = (local_s, ray_s, same, actor_gb)
+    def measure(label: str, local_keys: dict, ray_keys: dict) -> tuple:
+        res[label] = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
+        return res[label]
 
-    measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
-    measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
+    pl, pp, _, _ = measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
+    rl, rp, _, _ = measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
     small = args.actor_clients
-    small_keys = {**PEER, "partition.num_clients": small, "data.synthetic.train_images": small * IMAGES_PER_CLIENT}
-    measure(f"peer {small} clients, one per actor", small_keys, one_per_actor(PEER, small, cpus))
+    sl, sa, _, actor_gb = measure(f"peer {small} clients, one per actor", with_clients(PEER, small),
+                                  one_per_actor(PEER, small, cpus))
     # One actor per client of (a), only where the machine holds them.
     clients = PEER["partition.num_clients"]
-    need_gb = clients * res[rows[-1][0]][3]
-    skipped = None
+    need_gb = clients * actor_gb
+    actor, skipped = None, None
     if need_gb <= free_gb:
-        measure("peer, one per actor", PEER, one_per_actor(PEER, clients, cpus))
+        actor = measure("peer, one per actor", PEER, one_per_actor(PEER, clients, cpus))
     else:
-        skipped = f"{clients} actors x {need_gb / clients:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
+        skipped = f"{clients} actors x {actor_gb:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
     ray.shutdown()
     print(f"{'workload':<36}{'local s/round':>14}{'ray':>8}{'ratio':>8}{'identical':>11}")
-    for label, local_s, ray_s, ratio, same in rows:
-        print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ratio:>8.2f}{str(same):>11}")
+    for label, (local_s, ray_s, same, _) in res.items():
+        print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ray_s / local_s:>8.2f}{str(same):>11}")
     if skipped:
         print(f"peer, one per actor: not measured, {skipped}")
-    (pl, pp, _, _), (rl, rp, _, _) = res["peer, packed"], res["rcsr, packed"]
-    sl, sa, _, actor_gb = res[rows[2][0]]
-    actor = res.get("peer, one per actor")
     print(json.dumps({
         "local_s": round(pl, 4), "ray_actor_s": actor and round(actor[1], 4), "ray_packed_s": round(pp, 4),
         "ratio_actor": actor and round(actor[1] / actor[0], 3), "ratio_packed": round(pp / pl, 3),
-        "identical": all(r[4] for r in rows), "rcsr_local_s": round(rl, 4), "rcsr_ray_packed_s": round(rp, 4),
+        "identical": all(r[2] for r in res.values()), "rcsr_local_s": round(rl, 4), "rcsr_ray_packed_s": round(rp, 4),
         "rcsr_ratio_packed": round(rp / rl, 3), "ray_actor_skipped": skipped, "small_clients": small,
         "small_local_s": round(sl, 4), "small_ray_actor_s": round(sa, 4), "small_ratio_actor": round(sa / sl, 3),
         "actor_private_gb": round(actor_gb, 3)}))

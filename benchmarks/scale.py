@@ -141,7 +141,7 @@ def main() -> None:
     for n, (sec, gb, wall, hist) in ((args.small_clients, small), (args.clients, large)):
         print(f"{n:>8}{args.participants:>11}{sec:>9.3f}{gb:>13.2f}{wall:>8.1f}{hist:>12.2f}")
     print("history GB: the server's record of each client's previous update once every client has taken part "
-          "(rcsr.history_dims), on top of the peak of this short run")
+          "(rcsr.history_dims); the peak already holds the sampled clients' part, so peak + history bounds a long run")
     print(f"s/round ratio {args.clients} vs {args.small_clients} clients: {large[0] / small[0]:.2f}")
     print(json.dumps({"clients": args.clients, "participants": args.participants,
                       "sec_per_round": round(large[0], 4), "peak_pss_gb": round(large[1], 3),

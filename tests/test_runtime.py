@@ -110,6 +110,25 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         assert failed == [] and len(updates) == 6
 
 
+def _wait_for(actor, probe, what: str, dead: bool = False, limit_s: float = 60.0) -> None:
+    """Poll `actor` with `probe` (run inside it) until it returns true, or, with `dead`, until the
+    actor is gone for good; fails the test after `limit_s`."""
+    import ray
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.__ray_call__.remote(probe), timeout=5):
+                return
+        except ray.exceptions.ActorDiedError:
+            if dead:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # dying or restarting
+        time.sleep(0.1)
+    raise AssertionError(f"waited {limit_s:.0f} s for {what}")
+
+
 def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
     """An actor past runtime.max_restarts is left out of later rounds; with updates that keep no
     client state, the other actor runs its clients too."""
@@ -118,17 +137,7 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
     with _ray_backend(small_config, **{"runtime.max_restarts": 0}) as (backend, state, settings, seed):
         ray.kill(backend.actors[0], no_restart=True)
         # ray.kill returns before the actor is dead: a call sent meanwhile could still be answered
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                ray.get(backend.actors[0].__ray_call__.remote(lambda a: None), timeout=5)
-                time.sleep(0.1)
-            except ray.exceptions.ActorDiedError:
-                break
-            except ray.exceptions.GetTimeoutError:
-                pass  # dying
-        else:
-            raise AssertionError("the killed actor still answered after 30 s")
+        _wait_for(backend.actors[0], lambda a: False, "the killed actor to die", dead=True)
         backend.restarting.add(0)  # as after a failed round
         updates, failed = backend.train(state, range(6), settings, seed, 1)
         assert backend.gone == {0}
@@ -211,17 +220,8 @@ def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session
         assert failed == []
         actor = backend.actors[0]
         ray.kill(actor, no_restart=False)
-        restarted = lambda a: ray.get_runtime_context().was_current_actor_reconstructed  # noqa: E731
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if ray.get(actor.__ray_call__.remote(restarted), timeout=5):
-                    break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the killed actor was not restarted within 60 s")
+        _wait_for(actor, lambda a: ray.get_runtime_context().was_current_actor_reconstructed,
+                  "the killed actor to be restarted")
         again, failed = backend.train(state, range(6), settings, seed, 1)
         assert failed == [] and [u.client_id for u in again] == list(range(6))
         # Same round, same state: the restarted actor computes the same updates.
