@@ -224,6 +224,8 @@ def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session
                   "the killed actor to be restarted")
         again, failed = backend.train(state, range(6), settings, seed, 1)
         assert failed == [] and [u.client_id for u in again] == list(range(6))
+        # Its light round (no clients attached to serve it) came back; it got the full one, put once.
+        assert backend.resent_chunks >= 1 and backend.rounds_put == 1
         # Same round, same state: the restarted actor computes the same updates.
         assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
         local = backend.evaluate_local(state.params, range(6))  # clients 0-2 are evaluated on the restarted actor

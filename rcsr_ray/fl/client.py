@@ -154,7 +154,9 @@ class ClientWorker:
         return cached[1]
 
     def update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
-               round_idx: int) -> ClientUpdate:
+               round_idx: int, out: torch.Tensor | None = None) -> ClientUpdate:
+        """The client's update. `out`, a CPU float32 tensor shaped like the params (a row of a
+        backend's shared memory), receives the delta, which is then the update's delta: no copy."""
         shard = self.shard(client)
         own = self.state[client]
         has_img, has_txt = shard.has_image, shard.has_text
@@ -175,8 +177,14 @@ class ClientWorker:
         try:
             loss, steps = self._train(start, state.params, shard, slots, anchors, settings,
                                       client_seed(seed, round_idx, client), own)
-            new = self.model.flat.detach().to("cpu", copy=True)
-            update = ClientUpdate(client, shard.modality, shard.num_images, new - start, loss, steps)
+            trained = self.model.flat.detach()
+            # A copy only where the trained weights outlive the model's next client (local mode) or
+            # live on another device; else the delta is read straight from the model's buffer.
+            new = trained.to("cpu", copy=True) if settings.mode == "local" or trained.device.type != "cpu" \
+                else trained
+            fits = out is not None and out.shape == new.shape and out.dtype == new.dtype
+            delta = torch.sub(new, start, out=out) if fits else new - start
+            update = ClientUpdate(client, shard.modality, shard.num_images, delta, loss, steps)
             if settings.report_prototypes:
                 update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
                 update.geometry = self._geometry(update.delta, shard.num_images)

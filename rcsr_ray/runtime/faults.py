@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
 
@@ -27,9 +30,11 @@ class InjectedFault(RuntimeError):
 
 
 def run_clients(worker: ClientWorker, clients, state: GlobalState, settings: ClientSettings, seed: int,
-                round_idx: int, attempt: int, faults: dict, in_process: bool) -> list[ClientUpdate | ClientFailure]:
-    """Each client's update, or a ClientFailure if it raised; `in_process` turns `die` into a raise."""
-    out = []
+                round_idx: int, attempt: int, faults: dict, in_process: bool,
+                out: Callable[[int], torch.Tensor | None] | None = None) -> list[ClientUpdate | ClientFailure]:
+    """Each client's update, or a ClientFailure if it raised; `in_process` turns `die` into a raise;
+    `out(client)`, if given, is where that client's delta is written (see `ClientWorker.update`)."""
+    results = []
     for c in clients:
         c = int(c)
         try:
@@ -40,11 +45,11 @@ def run_clients(worker: ClientWorker, clients, state: GlobalState, settings: Cli
                 time.sleep(3600)
             if kind is not None:
                 raise InjectedFault(f"injected {kind} fault in round {round_idx}, client {c}")
-            out.append(worker.update(c, state, settings, seed, round_idx))
+            results.append(worker.update(c, state, settings, seed, round_idx, out(c) if out else None))
         except Exception as exc:  # a failing client is dropped from the round, never the run
             log.warning("client %d failed in round %d: %r", c, round_idx, exc)
-            out.append(ClientFailure(c, repr(exc)))
-    return out
+            results.append(ClientFailure(c, repr(exc)))
+    return results
 
 
 def split_results(results) -> tuple[list[ClientUpdate], list[int]]:

@@ -7,11 +7,13 @@ its updates keep no client state and shards are cheap to read (not in blocks mod
 images), an actor done with its own clients takes over some of another's, as a guest: it reads
 their data for that update and drops it after.
 
-What crosses Ray per round: the round (global adapters, settings, seed) through the object store
-once (`ray.put`), read by each actor with its first chunk; then per chunk a list of client ids out
-and the updates back. An actor on the driver's machine writes the deltas into a shared-memory
-matrix (`shared_rows`) and returns only the rest; elsewhere the deltas come back as results. Each
-chunk's updates are read while the actor runs its next chunk.
+What crosses Ray per round: the round (global adapters, settings, seed) with each actor's first
+chunk; then per chunk a list of client ids out and the updates back. On the driver's machine the
+driver writes the global adapters into a shared-memory matrix (`shared_rows`), the first chunk
+carries the rest of the round in its task, and each actor writes its clients' deltas into rows of
+that matrix as it computes them and returns only the rest of the updates. Elsewhere the round goes
+through the object store once (`ray.put`) and the deltas come back as results. Each chunk's updates
+are read while the actor runs its next chunk.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import os
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
@@ -55,17 +57,23 @@ def ensure_ray(cfg: Config) -> None:
 
 @dataclass
 class RoundArgs:
-    """One call of `RayBackend.train`, as its actors need it; put in the object store once."""
+    """One call of `RayBackend.train`, as its actors need it. In full it is put in the object store
+    once per call. Actors on the driver's machine get it light instead, inside their first chunk's
+    task: no params (they are in row 0 of the shared matrix) and no federation ref. An object-store
+    round trip cost more than a tenth of a packed round's start on 2 cores."""
 
     call: int  # tags the call's chunks, so that an actor never runs one with another call's state
-    state: GlobalState
+    state: GlobalState  # light: its params are None
     settings: ClientSettings
     seed: int
     round_idx: int
     attempt: int
-    rows: dict[int, int]  # client -> its row in the shared delta matrix
+    rows: dict[int, int]  # client -> its row in the shared matrix (row 0 holds the params)
     shared: tuple | None  # (path, shape, node id) of that matrix; None: deltas come back as results
-    federation: list  # [its object-store ref], for an actor that Ray restarted since
+    federation: list | None  # [its object-store ref], for an actor that Ray restarted since; light: None
+
+    def light(self) -> "RoundArgs":
+        return replace(self, state=replace(self.state, params=None), federation=None)
 
 
 @ray.remote
@@ -100,8 +108,9 @@ class ClientActor:
 
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
         """The updates of `clients`, and which of them left their delta in the shared matrix (their
-        `delta` is None here). `round_args` comes with an actor's first chunk of a call only; without
-        it and without the call's round (restarted since), None."""
+        `delta` is None here). `round_args` comes with an actor's first chunk of a call only. None
+        when this actor needs the full round: it has not got the call's round (restarted since), or
+        it got a light one but cannot read the shared matrix or has no clients attached (restarted)."""
         if round_args is not None:
             self.round = round_args
             shared = round_args.shared
@@ -109,27 +118,33 @@ class ClientActor:
                 self.writer.open(*shared[:2])
             else:
                 self.writer.close()
+            if round_args.state.params is None:
+                if self.writer.array is None or (self.worker is None and round_args.federation is None):
+                    self.round = None
+                    return None
+                # A copy: the driver writes the next call's params there.
+                round_args.state.params = torch.from_numpy(np.array(self.writer.array[0]))
         r = self.round
         if r is None or r.call != call:
             return None  # restarted by Ray since the call's first chunk: the driver resends with the round
+        deltas = self.writer.array
+        rows = None if deltas is None else {c: torch.from_numpy(deltas[r.rows[c]]) for c in clients}
         results = run_clients(self._serve(r.federation), clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
-                              self.faults, in_process=False)
+                              self.faults, in_process=False, out=rows and rows.get)
         for c in clients:
             if c not in self.home:
                 self.worker.forget(c)
-        stashed, deltas = [], self.writer.array
-        if deltas is not None:
-            for u in results:
-                if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.dtype == torch.float32 \
-                        and u.delta.shape == deltas.shape[1:]:
-                    deltas[r.rows[u.client_id]] = u.delta.numpy()
-                    u.delta = None
-                    stashed.append(u.client_id)
+        stashed = []
+        for u in results if rows else ():
+            if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.data_ptr() == rows[u.client_id].data_ptr():
+                u.delta = None  # it is in the shared matrix
+                stashed.append(u.client_id)
         return results, stashed
 
-    def ping(self, federation: list) -> None:
-        """Answers once the actor is up, with its clients attached (after a restart too)."""
+    def ping(self, federation: list) -> str:
+        """Answers, with its node's id, once the actor is up with its clients attached (after a restart too)."""
         self._serve(federation)
+        return ray.get_runtime_context().get_node_id()
 
     def client_state(self, clients: list[int], federation: list) -> dict[int, dict]:
         worker = self._serve(federation)
@@ -202,17 +217,18 @@ class RayBackend:
                            max_restarts=rt.max_restarts, max_task_retries=0)
             self.actors.append(ClientActor.options(**options).remote(
                 cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1)))
-        ray.get([a.ping.remote(self.federation_arg) for a in self.actors])
+        self.node = ray.get_runtime_context().get_node_id()
+        self.nodes = ray.get([a.ping.remote(self.federation_arg) for a in self.actors])  # each actor's
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
         self.guest_updates = 0  # client updates made away from the client's home actor
         self.gone: set[int] = set()  # actors past runtime.max_restarts: they get no more clients
         self.calls = 0
-        self.node = ray.get_runtime_context().get_node_id()
         self.shared: SharedRows | None = None  # the delta matrix, grown to the largest round
         self.shared_unavailable = False  # no shared memory here (or no room): not tried again
         self.shared_updates = 0  # client updates whose delta came through the shared matrix
-        self.resent_chunks = 0  # chunks sent again with the round to an actor restarted mid-call
+        self.resent_chunks = 0  # chunks sent again with the full round to an actor restarted since it got one
+        self.rounds_put = 0  # calls whose round went through the object store (some actor off this machine)
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
@@ -222,10 +238,25 @@ class RayBackend:
         it over (see the module docstring), and is dropped otherwise."""
         self._await_restarts()
         self.calls += 1
-        rows = {int(c): i for i, c in enumerate(clients)}
-        shared = self._shared_matrix(len(rows), state.params)
-        round_ref = ray.put(RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
-                                      shared and (shared.path, shared.shape, self.node), self.federation_arg))
+        rows = {int(c): i + 1 for i, c in enumerate(clients)}
+        shared = self._shared_matrix(len(rows) + 1, state.params)
+        full = RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
+                         shared and (shared.path, shared.shape, self.node), self.federation_arg)
+        light = None
+        if shared:
+            shared.array[0] = state.params.numpy()
+            light = full.light()
+        full_ref = None
+
+        def round_for(actor: int, resend: bool = False):
+            """The round as `actor` gets it: light on the driver's machine, else the full one's ref."""
+            nonlocal full_ref
+            if light is not None and not resend and self.nodes[actor] == self.node:
+                return light
+            if full_ref is None:
+                full_ref = ray.put(full)
+                self.rounds_put += 1
+            return full_ref
         schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
                                  len(self.actors), steal=self.shards_are_cheap and not settings.keeps_client_state)
         for actor in self.gone:
@@ -237,20 +268,21 @@ class RayBackend:
         def expired() -> bool:
             return deadline is not None and time.monotonic() >= deadline
 
-        def fill(actor: int) -> None:
+        def fill(actor: int, up_to: int = 2) -> None:
             """Keep up to two chunks queued on `actor`, so that it rarely waits for the driver between
             chunks (the schedule holds a round's last clients back for whoever runs out first)."""
-            while not expired() and schedule.chunks_held[actor] < 2:
+            while not expired() and schedule.chunks_held[actor] < up_to:
                 chunk = schedule.next_chunk(actor)
                 if not chunk:
                     return
                 first = actor not in started
                 started.add(actor)
-                ref = self.actors[actor].train.remote(self.calls, chunk, round_ref if first else None)
+                ref = self.actors[actor].train.remote(self.calls, chunk, round_for(actor) if first else None)
                 pending[ref] = (actor, chunk)
 
-        for actor in range(len(self.actors)):
-            fill(actor)
+        for held in (1, 2):  # every actor's first chunk before anyone's second: all start early
+            for actor in range(len(self.actors)):
+                fill(actor, held)
         results = []
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -279,15 +311,15 @@ class RayBackend:
                     fill(other)
                 continue
             if out is None:
-                # Restarted by Ray between this call's chunks without any of them failing (killed
-                # while idle): the chunk still belongs to the actor, which gets the round with it.
+                # The actor needs the full round: Ray restarted it (killed while idle, so no chunk
+                # failed) since the round reached it. The chunk is still its own: sent again with it.
                 if expired():
                     schedule.done(actor, cs)  # too late to run it: its clients did not run in time
                     results.extend(ClientFailure(c, "timeout") for c in cs)
                     continue
-                log.warning("actor for clients %s was restarted during round %d: sent again with the round",
-                            cs, round_idx)
-                pending[self.actors[actor].train.remote(self.calls, cs, round_ref)] = (actor, cs)
+                log.warning("actor for clients %s was restarted by Ray before round %d reached it: sent again "
+                            "with the full round", cs, round_idx)
+                pending[self.actors[actor].train.remote(self.calls, cs, round_for(actor, resend=True))] = (actor, cs)
                 self.resent_chunks += 1
                 continue
             schedule.done(actor, cs)
@@ -333,8 +365,8 @@ class RayBackend:
         for a in sorted(self.restarting):
             while True:
                 try:
-                    ray.get(self.actors[a].ping.remote(self.federation_arg),
-                            timeout=max(1.0, deadline - time.monotonic()))
+                    self.nodes[a] = ray.get(self.actors[a].ping.remote(self.federation_arg),
+                                            timeout=max(1.0, deadline - time.monotonic()))
                     break
                 except ray.exceptions.ActorDiedError:
                     log.warning("actor %d is gone for good (max_restarts reached)", a)
