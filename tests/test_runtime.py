@@ -210,6 +210,32 @@ def test_chunk_without_its_round_past_the_deadline_is_not_sent_again(small_confi
         assert failed == [] and [u.client_id for u in again] == list(range(6))
 
 
+def _cannot_open_shared_memory(actor) -> None:
+    """A ClientActor on the driver's machine that cannot open the shared matrix (a container with a
+    /dev/shm of its own, say)."""
+    actor.writer.close()
+    actor.writer.open = lambda path, shape: None
+
+
+def test_actor_that_cannot_open_the_shared_matrix_gets_full_rounds(small_config, ray_session):
+    """Sent a light round it cannot use, an actor says so; its chunk goes again with the full round,
+    and from then on it gets full rounds directly and sends its deltas back as results."""
+    import ray
+
+    with _ray_backend(small_config) as (backend, state, settings, seed):
+        ray.get(backend.actors[0].__ray_call__.remote(_cannot_open_shared_memory))
+        first, failed = backend.train(state, range(6), settings, seed, 1)
+        assert failed == [] and [u.client_id for u in first] == list(range(6))
+        assert backend.nodes[0] is None and backend.nodes[1] == backend.node
+        assert backend.resent_chunks >= 1 and backend.rounds_put == 1
+        resent, shared = backend.resent_chunks, backend.shared_updates
+        again, failed = backend.train(state, range(6), settings, seed, 1)
+        assert failed == [] and backend.resent_chunks == resent and backend.rounds_put == 2
+        trained = sum(u.delta is not None for u in again)
+        assert 0 < backend.shared_updates - shared < trained  # actor 1's through the matrix, actor 0's not
+        assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
+
+
 def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session):
     """An actor killed while idle (the backend sees no failure) comes back empty from Ray's
     restart; it attaches its clients again on its next call, and the round loses nobody."""

@@ -76,7 +76,7 @@ class _PicklesTensorsAsArrays:
 
 @dataclass
 class GlobalState(_PicklesTensorsAsArrays):
-    """What the server broadcasts each round (one object-store put)."""
+    """What the server broadcasts each round."""
 
     params: torch.Tensor
     prototypes: dict[str, torch.Tensor] | None = None  # image (C,d), text (C,d), seen (C,2) bool

@@ -37,6 +37,14 @@ from rcsr_ray.runtime.shared_rows import SHM_DIR, RowWriter, SharedRows
 
 log = logging.getLogger(__name__)
 
+# What an actor answers a chunk it cannot run with the round it has; the driver sends the chunk again
+# with the full round.
+NO_ROUND = "no round"  # restarted by Ray since the call's round reached it: no round, or no clients attached
+NO_MATRIX = "no shared matrix"  # got a light round but cannot open the shared matrix here
+# A light round whose prototypes are larger than this is put in the object store once, not sent
+# inline with every actor's first chunk (Ray puts an argument over 100 KB per call by itself).
+INLINE_BYTES = 64 * 1024
+
 
 def actor_device() -> str:
     """The torch device of the calling actor: what Ray assigned it, a GPU share when it asked for one."""
@@ -58,9 +66,10 @@ def ensure_ray(cfg: Config) -> None:
 @dataclass
 class RoundArgs:
     """One call of `RayBackend.train`, as its actors need it. In full it is put in the object store
-    once per call. Actors on the driver's machine get it light instead, inside their first chunk's
-    task: no params (they are in row 0 of the shared matrix) and no federation ref. An object-store
-    round trip cost more than a tenth of a packed round's start on 2 cores."""
+    once per call. Actors on the driver's machine get it light instead: no params (they are in row 0
+    of the shared matrix) and no federation ref, inside their first chunk's task (an object-store
+    round trip cost more than a tenth of a packed round's start on 2 cores), or put once when its
+    prototypes make it large (RCSR with many clusters)."""
 
     call: int  # tags the call's chunks, so that an actor never runs one with another call's state
     state: GlobalState  # light: its params are None
@@ -108,9 +117,8 @@ class ClientActor:
 
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
         """The updates of `clients`, and which of them left their delta in the shared matrix (their
-        `delta` is None here). `round_args` comes with an actor's first chunk of a call only. None
-        when this actor needs the full round: it has not got the call's round (restarted since), or
-        it got a light one but cannot read the shared matrix or has no clients attached (restarted)."""
+        `delta` is None here). `round_args` comes with an actor's first chunk of a call only. NO_ROUND
+        or NO_MATRIX when this actor needs the full round (see those)."""
         if round_args is not None:
             self.round = round_args
             shared = round_args.shared
@@ -121,12 +129,12 @@ class ClientActor:
             if round_args.state.params is None:
                 if self.writer.array is None or (self.worker is None and round_args.federation is None):
                     self.round = None
-                    return None
+                    return NO_ROUND if self.writer.array is not None else NO_MATRIX
                 # A copy: the driver writes the next call's params there.
                 round_args.state.params = torch.from_numpy(np.array(self.writer.array[0]))
         r = self.round
         if r is None or r.call != call:
-            return None  # restarted by Ray since the call's first chunk: the driver resends with the round
+            return NO_ROUND  # restarted by Ray since the call's first chunk
         deltas = self.writer.array
         rows = None if deltas is None else {c: torch.from_numpy(deltas[r.rows[c]]) for c in clients}
         results = run_clients(self._serve(r.federation), clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
@@ -218,7 +226,8 @@ class RayBackend:
             self.actors.append(ClientActor.options(**options).remote(
                 cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1)))
         self.node = ray.get_runtime_context().get_node_id()
-        self.nodes = ray.get([a.ping.remote(self.federation_arg) for a in self.actors])  # each actor's
+        # Each actor's node: those on the driver's get light rounds (None: never, see NO_MATRIX).
+        self.nodes: list[str | None] = ray.get([a.ping.remote(self.federation_arg) for a in self.actors])
         self.timeout = rt.round_timeout_s
         self.restarting: set[int] = set()  # actors that failed and are being restarted by Ray
         self.guest_updates = 0  # client updates made away from the client's home actor
@@ -246,6 +255,9 @@ class RayBackend:
         if shared:
             shared.array[0] = state.params.numpy()
             light = full.light()
+            protos = state.prototypes or {}
+            if sum(t.numel() * t.element_size() for t in protos.values()) > INLINE_BYTES:
+                light = ray.put(light)
         full_ref = None
 
         def round_for(actor: int, resend: bool = False):
@@ -302,23 +314,32 @@ class RayBackend:
                     # Maybe still alive: make sure it never runs (and writes rows for) what it hands back.
                     ray.kill(self.actors[actor], no_restart=False)
                 if isinstance(exc, ray.exceptions.RayActorError):
-                    # An actor runs its tasks in order: its later chunks never started.
+                    # An actor runs its tasks in order: its later chunks never started. One that may
+                    # still be alive (unavailable) might yet start them before the kill lands, writing
+                    # the same shared rows as whoever took them over: they are dropped instead.
+                    unavailable = isinstance(exc, ray.exceptions.ActorUnavailableError)
                     for ref, (a, later) in list(pending.items()):
                         if a == actor:
                             del pending[ref]
-                            schedule.give_back(actor, later)
+                            if unavailable:
+                                schedule.done(actor, later)
+                                results.extend(ClientFailure(c, type(exc).__name__) for c in later)
+                            else:
+                                schedule.give_back(actor, later)
                 for other in range(len(self.actors)):
                     fill(other)
                 continue
-            if out is None:
-                # The actor needs the full round: Ray restarted it (killed while idle, so no chunk
-                # failed) since the round reached it. The chunk is still its own: sent again with it.
+            if isinstance(out, str):
+                # The actor needs the full round: Ray restarted it unseen (killed while idle, so no
+                # chunk failed), or it cannot open the shared matrix. The chunk is still its own.
+                if out == NO_MATRIX and self.nodes[actor] is not None:
+                    log.info("actor %d cannot open the shared matrix: it gets full rounds from now on", actor)
+                    self.nodes[actor] = None
                 if expired():
                     schedule.done(actor, cs)  # too late to run it: its clients did not run in time
                     results.extend(ClientFailure(c, "timeout") for c in cs)
                     continue
-                log.warning("actor for clients %s was restarted by Ray before round %d reached it: sent again "
-                            "with the full round", cs, round_idx)
+                log.info("chunk %s of round %d sent again with the full round (%s)", cs, round_idx, out)
                 pending[self.actors[actor].train.remote(self.calls, cs, round_for(actor, resend=True))] = (actor, cs)
                 self.resent_chunks += 1
                 continue
