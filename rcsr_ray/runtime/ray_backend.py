@@ -292,10 +292,16 @@ class RayBackend:
                 ref = self.actors[actor].train.remote(self.calls, chunk, round_for(actor) if first else None)
                 pending[ref] = (actor, chunk)
 
+        results = []
+
+        def drop(actor: int, chunk: list[int], reason: str) -> None:
+            """`actor` is done with `chunk` without updates: its clients failed this round."""
+            schedule.done(actor, chunk)
+            results.extend(ClientFailure(c, reason) for c in chunk)
+
         for held in (1, 2):  # every actor's first chunk before anyone's second: all start early
             for actor in range(len(self.actors)):
                 fill(actor, held)
-        results = []
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
@@ -305,27 +311,24 @@ class RayBackend:
             try:
                 out = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                schedule.done(actor, cs)
-                log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, type(exc).__name__)
-                results.extend(ClientFailure(c, type(exc).__name__) for c in cs)
+                error = type(exc).__name__
+                log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, error)
+                drop(actor, cs, error)
                 self.restarting.add(actor)
                 schedule.close(actor)
-                if isinstance(exc, ray.exceptions.ActorUnavailableError):
-                    # Maybe still alive: make sure it never runs (and writes rows for) what it hands back.
-                    ray.kill(self.actors[actor], no_restart=False)
                 if isinstance(exc, ray.exceptions.RayActorError):
                     # An actor runs its tasks in order: its later chunks never started. One that may
-                    # still be alive (unavailable) might yet start them before the kill lands, writing
-                    # the same shared rows as whoever took them over: they are dropped instead.
+                    # still be alive (unavailable) is killed, but might yet start them before the kill
+                    # lands, writing the rows of whoever took them over: they are dropped instead.
                     unavailable = isinstance(exc, ray.exceptions.ActorUnavailableError)
-                    for ref, (a, later) in list(pending.items()):
-                        if a == actor:
-                            del pending[ref]
-                            if unavailable:
-                                schedule.done(actor, later)
-                                results.extend(ClientFailure(c, type(exc).__name__) for c in later)
-                            else:
-                                schedule.give_back(actor, later)
+                    if unavailable:
+                        ray.kill(self.actors[actor], no_restart=False)
+                    for ref in [ref for ref, (a, _) in pending.items() if a == actor]:
+                        later = pending.pop(ref)[1]
+                        if unavailable:
+                            drop(actor, later, error)
+                        else:
+                            schedule.give_back(actor, later)
                 for other in range(len(self.actors)):
                     fill(other)
                 continue
@@ -336,8 +339,7 @@ class RayBackend:
                     log.info("actor %d cannot open the shared matrix: it gets full rounds from now on", actor)
                     self.nodes[actor] = None
                 if expired():
-                    schedule.done(actor, cs)  # too late to run it: its clients did not run in time
-                    results.extend(ClientFailure(c, "timeout") for c in cs)
+                    drop(actor, cs, "timeout")  # too late to run it: its clients did not run in time
                     continue
                 log.info("chunk %s of round %d sent again with the full round (%s)", cs, round_idx, out)
                 pending[self.actors[actor].train.remote(self.calls, cs, round_for(actor, resend=True))] = (actor, cs)
