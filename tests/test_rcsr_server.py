@@ -141,6 +141,27 @@ def test_pool_clients_fills_missing_modality_from_global():
     assert torch.allclose(txt[1], g.text[0])  # B's images are in cluster 0 -> global text of cluster 0
 
 
+def test_prototypes_gathered_once_give_what_the_dicts_give():
+    clients, w = round_one()
+    by_dicts, gathered = GlobalPrototypes(num_clusters=2, dim=2), GlobalPrototypes(num_clusters=2, dim=2)
+    by_dicts.update(clients, w)
+    gathered.update(gathered.gather(clients), w)
+    assert torch.equal(by_dicts.image, gathered.image) and torch.equal(by_dicts.text, gathered.text)
+    # A second round where B also sends text: its clusters now have both, and A's text is pooled.
+    b_text = {**clients[1], "text_sum": t([[0, 0], [1, 3]]), "text_count": t([0, 2])}
+    again = [clients[0], b_text]
+    reported = gathered.gather(again)
+    assert len(reported) == 2 and reported.sums["text"][1][1].dtype == torch.float64
+    for got, want in zip(gathered.pool_clients(reported), by_dicts.pool_clients(again)):
+        assert torch.equal(got, want)
+    assert torch.allclose(gathered.pool_clients(reported)[1][1], t([0.5, 1.5]))  # B's captions pooled: [1,3]/2
+    by_dicts.update(again, w)
+    gathered.update(reported, w)
+    assert torch.equal(by_dicts.text, gathered.text) and torch.equal(by_dicts.global_align(), gathered.global_align())
+    with pytest.raises(ValueError, match="3 weights"):
+        gathered.update(reported, torch.ones(3))
+
+
 def test_prototypes_state_dict_round_trip():
     g = GlobalPrototypes(num_clusters=2, dim=2)
     g.update(*round_one())
@@ -192,6 +213,19 @@ def test_router_trainer_step_lowers_loss():
     final, _ = router_loss(trainer.weights(batch[0]), *batch[1:])
     assert float(final) < first["loss"] - 1e-3
     assert last["loss"] < first["loss"]
+
+
+def test_router_step_on_the_routed_forward_is_the_plain_step():
+    """The server routes a round's aggregation and then steps on the same forward pass: the same
+    weights and the same training as routing and stepping separately."""
+    plain, reused = RouterTrainer(dim=8, hidden=32, seed=0), RouterTrainer(dim=8, hidden=32, seed=0)
+    for seed in range(3):
+        batch = toy_round(seed=seed)
+        routed = reused.route(batch[0])
+        assert routed.requires_grad and torch.equal(routed.detach(), plain.weights(batch[0]))
+        assert plain.step(*batch) == reused.step(*batch, routed=routed)
+    assert all(torch.equal(p, q) for p, q in zip(plain.router.parameters(), reused.router.parameters()))
+    assert not torch.equal(plain.router.head.weight, RouterTrainer(dim=8, hidden=32, seed=0).router.head.weight)
 
 
 def test_router_trainer_single_client_and_state_dict():

@@ -110,7 +110,7 @@ class RCSR(FedAvg):
             if reported:
                 self.prototypes.update(reported, torch.ones(len(reported), dtype=torch.float64) / len(reported))
             return params, metrics
-        protos = [u.prototypes for u in ok]
+        protos = self.prototypes.gather([u.prototypes for u in ok])
         img_p, txt_p, has = self.prototypes.pool_clients(protos)
         codes = [self.history.code(u.delta) for u in ok]
         geometry = torch.stack([self.geometry(u, code) for u, code in zip(ok, codes)])
@@ -120,7 +120,8 @@ class RCSR(FedAvg):
         losses = torch.tensor([u.loss for u in ok], dtype=torch.float32)
         tokens = SemanticRouter.build_tokens(img_p, txt_p, geometry, mask, losses)
         k = len(ok)
-        router_w = self.router.weights(tokens).double() if self.router else torch.full((k,), 1.0 / k, dtype=torch.float64)
+        routed = self.router.route(tokens) if self.router else None
+        router_w = routed.detach().double() if self.router else torch.full((k,), 1.0 / k, dtype=torch.float64)
         ids = torch.tensor([u.client_id for u in ok])
         if r.minimax:
             self.q = minimax_update(self.q, ids, losses.double(), r.minimax_eta, r.minimax_tau)
@@ -130,7 +131,7 @@ class RCSR(FedAvg):
         if self.router:
             g_img, g_txt = self.prototypes.pooled()
             parts = self.router.step(tokens, img_p, txt_p, g_img, g_txt, client_alignment(img_p, txt_p),
-                                     self.prototypes.global_align())
+                                     self.prototypes.global_align(), routed)
             metrics["router_loss"] = parts["loss"]
         else:
             metrics["router_loss"] = float("nan")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,18 @@ def prototype_coherence(img_protos: torch.Tensor, txt_protos: torch.Tensor, mask
 # Global prototypes
 
 
+@dataclass
+class RoundPrototypes:
+    """A round's client prototypes (`GlobalPrototypes.gather`): per modality, one (sums (C, dim),
+    counts (C,)) float64 pair per client in the round's order, None where the client lacks it; in
+    "global" granularity already folded to one cluster."""
+
+    sums: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]
+
+    def __len__(self) -> int:
+        return len(self.sums["image"])
+
+
 class GlobalPrototypes:
     """EMA global prototypes per semantic cluster and modality, plus the global alignment direction.
 
@@ -115,7 +128,15 @@ class GlobalPrototypes:
             raise ValueError(f"{modality} sums have {len(sums)} clusters, expected {len(self.image)}")
         return sums, counts
 
-    def _fused(self, client_protos: list[dict], weights: torch.Tensor, modality: str):
+    def gather(self, client_protos: "list[dict] | RoundPrototypes") -> "RoundPrototypes":
+        """The round's client prototypes as float64 sums and counts per modality, converted once for
+        every step that reads them (`pool_clients`, `update`)."""
+        if isinstance(client_protos, RoundPrototypes):
+            return client_protos
+        return RoundPrototypes({name: [self._client_sums(proto, name) for proto in client_protos]
+                                for name in ("image", "text")})
+
+    def _fused(self, reported: "RoundPrototypes", weights: torch.Tensor, modality: str):
         """The w-weighted mean of client prototypes per cluster, weights renormalised over the clients
         that have samples in that cluster. Returns (values (C, dim) float64, contributed (C,) bool)."""
         c = len(self.image)
@@ -123,8 +144,7 @@ class GlobalPrototypes:
         wsum = torch.zeros(c, dtype=torch.float64)
         contributors = torch.zeros(c, dtype=torch.float64)
         uniform_num = torch.zeros(c, self.dim, dtype=torch.float64)
-        for proto, w in zip(client_protos, weights):
-            got = self._client_sums(proto, modality)
+        for got, w in zip(reported.sums[modality], weights):
             if got is None:
                 continue
             sums, counts = got
@@ -140,19 +160,20 @@ class GlobalPrototypes:
                              uniform_num / contributors.clamp_min(1)[:, None])
         return values, contributed
 
-    def update(self, client_protos: list[dict], weights: torch.Tensor) -> None:
+    def update(self, client_protos: "list[dict] | RoundPrototypes", weights: torch.Tensor) -> None:
         """EMA step with the round's w-weighted client prototypes.
 
         Each dict holds 'image_sum' (C, dim), 'image_count' (C,), 'text_sum', 'text_count'; a missing
         (or None) modality and clusters with count 0 do not contribute. A cluster/modality seen for
         the first time takes the new value directly; later g <- decay*g + (1-decay)*new.
         """
+        reported = self.gather(client_protos)
         weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-        if len(weights) != len(client_protos):
-            raise ValueError(f"{len(client_protos)} clients but {len(weights)} weights")
+        if len(weights) != len(reported):
+            raise ValueError(f"{len(reported)} clients but {len(weights)} weights")
         fresh = {}
         for col, (name, store) in enumerate((("image", self.image), ("text", self.text))):
-            values, contributed = self._fused(client_protos, weights, name)
+            values, contributed = self._fused(reported, weights, name)
             first = contributed & ~self.seen[:, col]
             later = contributed & self.seen[:, col]
             store[first] = values[first].to(store.dtype)
@@ -182,7 +203,7 @@ class GlobalPrototypes:
         """The global alignment direction, or None before any round sent both modalities."""
         return self.align.clone() if self.align_seen else None
 
-    def pool_clients(self, client_protos: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pool_clients(self, client_protos: "list[dict] | RoundPrototypes") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router inputs: each client's prototype pooled over its clusters (its mean embedding) per
         modality, (K, dim) each, and which modalities it actually has, (K, 2) bool.
 
@@ -191,29 +212,27 @@ class GlobalPrototypes:
         cluster keeps the client's alignment direction a measure of the modality gap). Falls back to
         the pooled global prototype, then to zeros.
         """
-        k = len(client_protos)
+        reported = self.gather(client_protos)
+        k = len(reported)
         pooled = self.pooled()
         protos = [torch.zeros(k, self.dim), torch.zeros(k, self.dim)]
         has = torch.zeros(k, 2, dtype=torch.bool)
         counts_of = [[None] * k, [None] * k]
-        for i, proto in enumerate(client_protos):
-            for col, name in ((IMAGE, "image"), (TEXT, "text")):
-                got = self._client_sums(proto, name)
+        for col, name in ((IMAGE, "image"), (TEXT, "text")):
+            for i, got in enumerate(reported.sums[name]):
                 if got is None or not bool(got[1].sum() > 0):
                     continue
                 sums, counts = got
                 protos[col][i] = (sums.sum(0) / counts.sum()).float()
                 has[i, col] = True
                 counts_of[col][i] = counts
-        for i in range(k):
-            for col, other, store in ((IMAGE, TEXT, self.image), (TEXT, IMAGE, self.text)):
-                if has[i, col]:
-                    continue
+        for col, other, store in ((IMAGE, TEXT, self.image), (TEXT, IMAGE, self.text)):
+            seen, store = self.seen[:, col], store.double()
+            for i in (~has[:, col]).nonzero().flatten().tolist():
                 counts = counts_of[other][i]
-                seen = self.seen[:, col]
                 if counts is not None and bool((counts * seen).sum() > 0):
                     c = counts * seen
-                    protos[col][i] = ((c[:, None] * store.double()).sum(0) / c.sum()).float()
+                    protos[col][i] = ((c[:, None] * store).sum(0) / c.sum()).float()
                 else:
                     protos[col][i] = pooled[col]
         return protos[IMAGE], protos[TEXT], has
@@ -295,7 +314,7 @@ class RouterTrainer:
     def __init__(self, dim: int, hidden: int = 128, heads: int = 4, blocks: int = 2, seed: int = 0,
                  lr: float = 1e-3, b1: float = 1.0, b2: float = 1.0, b4: float = 0.1, b5: float = 0.3):
         self.router = SemanticRouter(dim, hidden, heads, blocks, seed)
-        self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr, foreach=True)
         self.coefficients = {"b1": b1, "b2": b2, "b4": b4, "b5": b5}
 
     @torch.no_grad()
@@ -303,14 +322,21 @@ class RouterTrainer:
         """Routing weights (K,) for aggregation, no autograd graph."""
         return self.router(tokens).detach()
 
+    def route(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Routing weights (K,) with their autograd graph: detached, they weigh the round's
+        aggregation; passed to `step` as `routed`, the step needs no second forward pass."""
+        return self.router(tokens)
+
     def step(self, tokens: torch.Tensor, img_protos: torch.Tensor, txt_protos: torch.Tensor, g_img: torch.Tensor,
-             g_txt: torch.Tensor, client_align: torch.Tensor, global_align: torch.Tensor | None) -> dict:
-        """One Adam step on router_loss; returns the loss parts before the step (floats).
+             g_txt: torch.Tensor, client_align: torch.Tensor, global_align: torch.Tensor | None,
+             routed: torch.Tensor | None = None) -> dict:
+        """One Adam step on router_loss; returns the loss parts before the step (floats). `routed`:
+        `route(tokens)` since the last step, if the caller has it.
 
         With one client the softmax is constant (w = 1) and there is nothing to learn, so no step is
         taken (an Adam step on a zero gradient would still move the weights by momentum).
         """
-        w = self.router(tokens)
+        w = self.router(tokens) if routed is None else routed
         loss, parts = router_loss(w, img_protos, txt_protos, g_img, g_txt, client_align, global_align,
                                   **self.coefficients)
         if len(w) > 1 and math.isfinite(parts["loss"]):
