@@ -256,3 +256,54 @@ def test_actor_restarted_between_rounds_attaches_again(small_config, ray_session
         assert all(torch.equal(a.delta, b.delta) for a, b in zip(first, again) if a.delta is not None)
         local = backend.evaluate_local(state.params, range(6))  # clients 0-2 are evaluated on the restarted actor
         assert len(local) == 6 and all(0 <= m["global_i2t_r1"] <= 100 for m in local)
+
+
+def _unavailable(actor) -> None:
+    import ray
+
+    raise ray.exceptions.ActorUnavailableError("unreachable for a moment (test)", None)
+
+
+class _GoesUnavailable:
+    """Stands in for the backend's handle of actor `index` for a call's first two chunks: the first
+    fails as when the actor cannot be reached for a moment (it may still be alive, and run what is
+    queued behind it), the second goes to the actor; then the real handle is back in place (the
+    backend kills the actor through it). Records the chunks sent."""
+
+    def __init__(self, backend, index: int):
+        self.backend, self.index, self.actor, self.chunks = backend, index, backend.actors[index], []
+        self.train = self  # `.train.remote(...)` lands in `remote` below
+
+    def remote(self, call, chunk, round_args=None):
+        self.chunks.append(chunk)
+        if len(self.chunks) == 1:
+            return self.actor.__ray_call__.remote(_unavailable)
+        self.backend.actors[self.index] = self.actor
+        return self.actor.train.remote(call, chunk, round_args)
+
+
+def test_unavailable_actor_is_killed_and_its_queued_chunks_dropped(small_config, ray_session):
+    """An actor that cannot be reached may still run the chunks queued on it: they are dropped with
+    the failed one, not handed to another actor that would write the same rows; the actor is killed,
+    restarted by Ray, and serves the next round in full."""
+    import ray
+
+    # 12 paired clients of one size: actor 0 gets a chunk and one queued behind it before any result.
+    keys = {"partition.num_clients": 12, "partition.alpha": None, "partition.missing_rate": 0.0,
+            "runtime.clients_per_actor": 6}
+    with _ray_backend(small_config, **keys) as (backend, state, settings, seed):
+        flaky = backend.actors[0] = _GoesUnavailable(backend, 0)
+        try:
+            updates, failed = backend.train(state, range(12), settings, seed, 1)
+        finally:
+            backend.actors[0] = flaky.actor
+        sent = sorted(c for chunk in flaky.chunks for c in chunk)
+        assert len(flaky.chunks) == 2  # the failed chunk and the one queued behind it
+        assert failed == sent and set(sent) < set(range(6))
+        # Nobody else ran them; the other actor took over the rest of actor 0's clients.
+        assert [u.client_id for u in updates] == sorted(set(range(12)) - set(sent))
+        assert backend.restarting == {0} and backend.guest_updates == 6 - len(sent)
+        _wait_for(flaky.actor, lambda a: ray.get_runtime_context().was_current_actor_reconstructed,
+                  "the killed actor to be restarted")
+        again, failed = backend.train(state, range(12), settings, seed, 2)
+        assert failed == [] and [u.client_id for u in again] == list(range(12))
