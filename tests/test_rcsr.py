@@ -249,3 +249,21 @@ def test_sketched_history_gives_cosines_close_to_the_exact_ones(small_config):
     exact, sketched = cosines[0], cosines[1024]
     assert len(exact) > 2 and max(exact) - min(exact) > 0.05  # cosines that differ between clients
     assert max(abs(a - b) for a, b in zip(exact, sketched)) < 0.15
+
+
+def test_strategy_loaded_from_a_state_is_independent_of_its_source(small_config):
+    """`state_dict` hands out the live state (a checkpoint writes it at once); `load_state_dict`
+    copies it, so the source going on changes nothing in the loaded strategy, and both continue alike."""
+    cfg, fed, strategy, worker = _setup(small_config)
+    params = worker.model.flat.clone()
+    for r in (1, 2):
+        _, params, _ = _round(strategy, worker, fed, params, r, cfg)
+    loaded = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    loaded.load_state_dict(strategy.state_dict())
+    kept_q, kept_protos = loaded.q.clone(), loaded.prototypes.image.clone()
+    updates, ahead, _ = _round(strategy, worker, fed, params, 3, cfg)  # the source goes on to round 3
+    assert not torch.equal(strategy.q, kept_q) and not torch.equal(strategy.prototypes.image, kept_protos)
+    assert torch.equal(loaded.q, kept_q) and torch.equal(loaded.prototypes.image, kept_protos)
+    assert loaded.router.router is not strategy.router.router and loaded.history.codes is not strategy.history.codes
+    same, _ = loaded.aggregate(3, params, updates)
+    assert torch.equal(same, ahead)

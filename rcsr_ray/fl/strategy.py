@@ -66,8 +66,11 @@ class FedAvg:
         return n / n.sum()
 
     def state_dict(self) -> dict:
-        """Everything the strategy carries across rounds (checkpoints), as a deep copy."""
-        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "cfg"})
+        """Everything the strategy carries across rounds, for a checkpoint to write at once: the live
+        objects, not copies (a deep copy would double the largest of them, RCSR's record of previous
+        updates up to 1 GiB or the local method's adapters of every client, only to be pickled).
+        `load_state_dict` copies what it is given."""
+        return {k: v for k, v in vars(self).items() if k != "cfg"}
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(copy.deepcopy(state))
