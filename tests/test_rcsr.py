@@ -48,7 +48,8 @@ def test_anchoring_reduces_distance_to_prototypes(small_config):
 
     before = distance(params)
     settings = ClientSettings(3, 32, 1e-2, 0.0, 0.07, anchor_weight=1.0)
-    worker._train(params, params, shard.__class__(**{**shard.__dict__, "modality": 1}), slots, protos, settings, 0, {})
+    image_only = shard.__class__(**{**shard.__dict__, "modality": 1})
+    worker._train(params, params, image_only, slots, protos, settings, torch.Generator().manual_seed(0), {})
     after = distance(worker.model.flat.clone())
     assert after < before - 0.05, (before, after)
 
@@ -157,7 +158,7 @@ def test_centroid_anchoring_moves_clusters_without_collapsing_them(small_config)
     result = {}
     for mode in ("instance", "centroid"):
         settings = ClientSettings(3, 32, 1e-2, 0.0, 0.07, anchor_weight=1.0, anchor_mode=mode)
-        worker._train(params, params, image_only, slots, protos, settings, 0, {})
+        worker._train(params, params, image_only, slots, protos, settings, torch.Generator().manual_seed(0), {})
         result[mode] = measure()
     assert result["centroid"][0] < c0 - 0.05  # clusters moved toward their targets
     assert result["centroid"][1] > result["instance"][1]  # instances kept apart better

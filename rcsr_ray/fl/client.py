@@ -169,14 +169,15 @@ class ClientWorker:
             update = ClientUpdate(client, shard.modality, shard.num_images, None)
             if settings.report_prototypes:
                 self.model.load_flat(state.params)
-                update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
+                update.prototypes = self._prototypes(shard, slots, settings.num_clusters,
+                                                     self._embedded(shard, has_img, has_txt))
             return update
         start = own.get("params", state.params) if settings.mode == "local" else state.params
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)
         try:
-            loss, steps = self._train(start, state.params, shard, slots, anchors, settings,
-                                      client_seed(seed, round_idx, client), own)
+            g = torch.Generator().manual_seed(client_seed(seed, round_idx, client))
+            loss, steps = self._train(start, state.params, shard, slots, anchors, settings, g, own)
             trained = self.model.flat.detach()
             # A copy only where the trained weights outlive the model's next client (local mode) or
             # live on another device; else the delta is read straight from the model's buffer.
@@ -185,9 +186,15 @@ class ClientWorker:
             fits = out is not None and out.shape == new.shape and out.dtype == new.dtype
             delta = torch.sub(new, start, out=out) if fits else new - start
             update = ClientUpdate(client, shard.modality, shard.num_images, delta, loss, steps)
-            if settings.report_prototypes:
-                update.prototypes = self._prototypes(shard, slots, settings.num_clusters, has_img, has_txt)
-                update.geometry = self._geometry(update.delta, shard.num_images)
+            personal = settings.personal and shard.modality == PAIRED  # unpaired: no contrastive signal
+            if personal or settings.report_prototypes:
+                # One pass of the shard through the trained shared adapters serves both.
+                embedded = self._embedded(shard, has_img, has_txt)
+                if personal:
+                    self._train_personal(shard, settings, g, own, embedded)
+                if settings.report_prototypes:
+                    update.prototypes = self._prototypes(shard, slots, settings.num_clusters, embedded)
+                    update.geometry = self._geometry(update.delta, shard.num_images)
         finally:
             torch.set_num_threads(prev_threads)
         if settings.mode == "local":
@@ -195,7 +202,8 @@ class ClientWorker:
         return update
 
     def _train(self, start, global_params, shard: ClientShard, slots, anchors, s: ClientSettings,
-               seed: int, own: dict) -> tuple[float, int]:
+               g: torch.Generator, own: dict) -> tuple[float, int]:
+        """The shared adapters' local training, batches drawn from `g`, from `start` (on the model)."""
         model = self.model
         model.load_flat(start)
         params = list(model.parameters())
@@ -203,7 +211,6 @@ class ClientWorker:
         moon = self._moon_references(global_params, own.get("moon_prev", global_params)) if s.moon_mu > 0 else None
         opt = model.optimizer(s.lr, s.weight_decay)
         # Batches are drawn on the CPU whatever the device, so every device sees the same batches.
-        g = torch.Generator().manual_seed(seed)
         has_img, has_txt = shard.has_image, shard.has_text
         images, captions, _ = self._tensors(shard)
         slots = slots.to(self.device)
@@ -230,8 +237,6 @@ class ClientWorker:
             steps += 1
         if s.moon_mu > 0:
             own["moon_prev"] = model.flat.detach().to("cpu", copy=True)
-        if s.personal:
-            self._train_personal(shard, s, g, own)
         return total / max(steps, 1), steps
 
     def _moon_references(self, global_params: torch.Tensor, previous: torch.Tensor) -> tuple[AdapterPair, AdapterPair]:
@@ -241,11 +246,11 @@ class ClientWorker:
         prev.load_flat(previous)
         return glob, prev
 
-    def _train_personal(self, shard: ClientShard, s: ClientSettings, g: torch.Generator, own: dict) -> None:
-        """Train the client's personal adapters (on top of its shared ones) on local pairs; they stay here."""
-        if shard.modality != PAIRED:
-            return  # no contrastive signal: the personal adapters stay at identity
-        images, captions = self._embedded(shard)
+    def _train_personal(self, shard: ClientShard, s: ClientSettings, g: torch.Generator, own: dict,
+                        embedded: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Train a paired client's personal adapters on its pairs as the shared adapters embed them
+        (`embedded`); they stay here. Batches continue `g`'s stream after the shared training."""
+        images, captions = embedded
         personal = self.personal_model
         personal.load_flat(own["personal"] if "personal" in own else self._personal_init(shard.client_id))
         opt = personal.optimizer(s.lr, s.weight_decay)
@@ -265,11 +270,13 @@ class ClientWorker:
         return initial_params(self.personal_model.dim, hidden, 0.0, seed=client)
 
     @torch.no_grad()
-    def _embedded(self, shard: ClientShard) -> tuple[torch.Tensor, torch.Tensor]:
-        """A shard's images and captions through the shared adapters as loaded (on the device)."""
+    def _embedded(self, shard: ClientShard, image: bool, text: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A shard's images and captions (those asked for, else None) through the shared adapters as
+        loaded (on the device)."""
         images, captions, _ = self._tensors(shard)
-        return _chunked(self.model.image, images, self.model.eval_chunk), \
-            _chunked(self.model.text, captions, self.model.eval_chunk)
+        chunk = self.model.eval_chunk
+        return (_chunked(self.model.image, images, chunk) if image else None,
+                _chunked(self.model.text, captions, chunk) if text else None)
 
     def evaluate_local(self, client: int, global_params: torch.Tensor) -> dict:
         """R@1 on the client's personal test set, with the global adapters and, if it has them, its
@@ -281,22 +288,20 @@ class ClientWorker:
         return local_retrieval(self.model, global_params, shard,
                                (self.personal_model, personal) if personal is not None else None)
 
-    @torch.no_grad()
-    def _prototypes(self, shard: ClientShard, slots, num_slots: int, has_img: bool, has_txt: bool) -> dict:
-        """Per-cluster sums and counts of the adapted embeddings of each modality the client has (CPU)."""
-        images, captions, _ = self._tensors(shard)
+    def _prototypes(self, shard: ClientShard, slots, num_slots: int, embedded) -> dict:
+        """Per-cluster sums and counts (CPU) of the adapted embeddings (`_embedded`) of each modality
+        the client has."""
+        img, txt = embedded
         slots = slots.to(self.device)
-        d, chunk = self.model.dim, self.model.eval_chunk
+        d = self.model.dim
         out = {}
-        if has_img:
-            emb = _chunked(self.model.image, images, chunk)
-            out["image_sum"] = emb.new_zeros(num_slots, d).index_add_(0, slots, emb)
+        if img is not None:
+            out["image_sum"] = img.new_zeros(num_slots, d).index_add_(0, slots, img)
             out["image_count"] = torch.bincount(slots, minlength=num_slots).float()
-        if has_txt:
+        if txt is not None:
             counts = torch.from_numpy(np.diff(shard.caption_offsets)).to(self.device)
             cap_slots = torch.repeat_interleave(slots, counts)
-            emb = _chunked(self.model.text, captions, chunk)
-            out["text_sum"] = emb.new_zeros(num_slots, d).index_add_(0, cap_slots, emb)
+            out["text_sum"] = txt.new_zeros(num_slots, d).index_add_(0, cap_slots, txt)
             out["text_count"] = torch.bincount(cap_slots, minlength=num_slots).float()
         return _to(out, "cpu")
 

@@ -203,7 +203,8 @@ class GlobalPrototypes:
         """The global alignment direction, or None before any round sent both modalities."""
         return self.align.clone() if self.align_seen else None
 
-    def pool_clients(self, client_protos: "list[dict] | RoundPrototypes") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pool_clients(self, client_protos: "list[dict] | RoundPrototypes") \
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router inputs: each client's prototype pooled over its clusters (its mean embedding) per
         modality, (K, dim) each, and which modalities it actually has, (K, 2) bool.
 
