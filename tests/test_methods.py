@@ -115,3 +115,13 @@ def test_compare_command(tmp_path, cache_dir, capsys):
     assert not a.equals(pd.read_csv(out / "fedavg-seed0" / "partition.csv"))
     assert (out / "compare.png").stat().st_size > 10_000
     assert main(["compare", "--methods", "fedavg,nope", *[f"{k}={v}" for k, v in keys.items()]]) == 2
+
+
+def test_training_rounds_per_method(small_config):
+    """What the loop, the driver's progress bar and a sweep's actor count read: zero-shot trains nothing."""
+    from rcsr_ray.fl.strategy import training_rounds
+
+    assert training_rounds(small_config(**{"fed.method": "zeroshot"})) == 0
+    for method in ("fedavg", "rcsr", "central", "local", "moon"):
+        cfg = small_config(**{"fed.method": method, "fed.rounds": 7})
+        assert training_rounds(cfg) == 7, method

@@ -156,6 +156,12 @@ class ZeroShot(FedAvg):
 STRATEGIES = {cls.name: cls for cls in (FedAvg, FedProx, Moon, FedPer, Local, Central, ZeroShot)}
 
 
+def training_rounds(cfg: Config) -> int:
+    """The rounds a run of `cfg` trains: fed.rounds, or 0 for a method that does not train (zero-shot)."""
+    trains = cfg.fed.method == "rcsr" or STRATEGIES[cfg.fed.method].trains  # RCSR: imported when made
+    return cfg.fed.rounds if trains else 0
+
+
 def make_strategy(cfg: Config, num_clients: int, num_clusters: int, dim: int):
     if cfg.fed.method == "rcsr":
         from rcsr_ray.fl.rcsr import RCSR

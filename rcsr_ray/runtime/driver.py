@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 from rcsr_ray.config import Config
+from rcsr_ray.fl.strategy import training_rounds
 from rcsr_ray.runtime.loop import RunResult, run_simulation
 from rcsr_ray.runtime.ray_backend import ensure_ray
 
@@ -59,8 +60,7 @@ def run_on_ray(cfg: Config, out_dir: str | Path | None, progress: bool = True, p
     here = ray.get_runtime_context().get_node_id()
     driver = DriverActor.options(name=driver_name(out), num_cpus=cfg.runtime.driver_cpus, max_restarts=0,
                                  scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
-    total = cfg.fed.rounds if cfg.fed.method != "zeroshot" else 0
-    bar = tqdm(total=total, desc=cfg.fed.method, unit="round", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=training_rounds(cfg), desc=cfg.fed.method, unit="round", disable=not progress, dynamic_ncols=True)
     try:
         done_ref = driver.run.remote(cfg, str(out) if out is not None else None, torch.get_num_threads(), stop_after)
         seen = 0

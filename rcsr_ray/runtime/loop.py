@@ -20,7 +20,7 @@ from rcsr_ray.data.store import FeatureStore
 from rcsr_ray.eval.personal import summarize_clients
 from rcsr_ray.eval.retrieval import evaluate
 from rcsr_ray.fl.client import local_retrieval
-from rcsr_ray.fl.strategy import make_strategy
+from rcsr_ray.fl.strategy import make_strategy, training_rounds
 from rcsr_ray.models.adapters import adapter_model, apply_adapters
 from rcsr_ray.runtime import checkpoint, rundir
 from rcsr_ray.runtime.backends import make_backend
@@ -92,7 +92,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     evaluator = GlobalEvaluator(inputs, cfg)
     params = evaluator.model.flat.clone()  # the run's initial adapters
     zeroshot = evaluator(params)
-    rounds = cfg.fed.rounds if strategy.trains else 0
+    rounds = training_rounds(cfg)
     rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
     counts = {"completed_client_rounds": 0, "dropped_client_rounds": 0}
     run_name = Path(out_dir).name if out_dir is not None else None
