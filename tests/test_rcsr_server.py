@@ -228,6 +228,17 @@ def test_router_step_on_the_routed_forward_is_the_plain_step():
     assert not torch.equal(plain.router.head.weight, RouterTrainer(dim=8, hidden=32, seed=0).router.head.weight)
 
 
+def test_router_adam_as_foreach_kernels_steps_as_the_per_tensor_one():
+    foreach, per_tensor = RouterTrainer(dim=8, hidden=32, seed=0), RouterTrainer(dim=8, hidden=32, seed=0)
+    per_tensor.optimizer = torch.optim.Adam(per_tensor.router.parameters(), lr=1e-3, foreach=False)
+    assert foreach.optimizer.defaults["foreach"] is True
+    for seed in range(4):
+        batch = toy_round(seed=seed)
+        foreach.step(*batch)
+        per_tensor.step(*batch)
+    assert all(torch.equal(p, q) for p, q in zip(foreach.router.parameters(), per_tensor.router.parameters()))
+
+
 def test_router_trainer_single_client_and_state_dict():
     trainer = RouterTrainer(dim=8, hidden=32, seed=0)
     tokens, img, txt, g_img, g_txt, a_k, a = toy_round(k=1)

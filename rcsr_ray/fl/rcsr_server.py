@@ -163,8 +163,9 @@ class GlobalPrototypes:
     def update(self, client_protos: "list[dict] | RoundPrototypes", weights: torch.Tensor) -> None:
         """EMA step with the round's w-weighted client prototypes.
 
-        Each dict holds 'image_sum' (C, dim), 'image_count' (C,), 'text_sum', 'text_count'; a missing
-        (or None) modality and clusters with count 0 do not contribute. A cluster/modality seen for
+        Each dict holds 'image_sum' (C, dim), 'image_count' (C,), 'text_sum', 'text_count' (or the
+        dicts come `gather`ed); a missing (or None) modality and clusters with count 0 do not
+        contribute. A cluster/modality seen for
         the first time takes the new value directly; later g <- decay*g + (1-decay)*new.
         """
         reported = self.gather(client_protos)
@@ -320,7 +321,7 @@ class RouterTrainer:
 
     @torch.no_grad()
     def weights(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Routing weights (K,) for aggregation, no autograd graph."""
+        """Routing weights (K,) without an autograd graph (the server weighs a round with `route`)."""
         return self.router(tokens).detach()
 
     def route(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,6 @@ from typing import Any
 import yaml
 
 from rcsr_ray.config import Config, ConfigError, _flatten, load_config, parse_override, with_overrides
-from rcsr_ray.fl.strategy import training_rounds
 
 SPEC_FILE = "spec.yaml"  # the spec a sweep folder was started with
 
@@ -92,6 +91,8 @@ def training_clients(cfg: Config) -> int:
 
 def trial_actors(cfg: Config) -> int:
     """Client actors the trial's backend will create (0: no Ray actors: local backend or no training)."""
+    from rcsr_ray.fl.strategy import training_rounds  # here: `rcsr-ray report` reads specs without torch
+
     if cfg.runtime.backend != "ray" or training_rounds(cfg) == 0:
         return 0
     return math.ceil(training_clients(cfg) / cfg.runtime.clients_per_actor)
