@@ -165,8 +165,8 @@ class GlobalPrototypes:
 
         Each dict holds 'image_sum' (C, dim), 'image_count' (C,), 'text_sum', 'text_count' (or the
         dicts come `gather`ed); a missing (or None) modality and clusters with count 0 do not
-        contribute. A cluster/modality seen for
-        the first time takes the new value directly; later g <- decay*g + (1-decay)*new.
+        contribute. A cluster/modality seen for the first time takes the new value directly; later
+        g <- decay*g + (1-decay)*new.
         """
         reported = self.gather(client_protos)
         weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
