@@ -8,7 +8,9 @@
 
 Times cover what a round costs the simulator (broadcast, client updates, collection, aggregation),
 not evaluation. Median over rounds after warm-up; the local and Ray runs alternate round by round.
-The last line is one JSON object.
+A second table splits a Ray round's CPU between the client actors, the driver, Ray's other processes
+(raylet, GCS, dashboard agent, log monitor, idle workers) and idle cores. The last line is one JSON
+object.
 
 Ray with one client per actor needs one process per client (about 0.44 GB of private memory each
 after training, measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
@@ -67,6 +69,58 @@ def private_gb(pid: int) -> float:
     return (kb["Private_Clean"] + kb["Private_Dirty"]) / 2**20
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ray_processes(exclude: set[int]) -> list[int]:
+    """This machine's Ray processes (raylet, GCS, dashboard agent, log monitor, idle workers...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in exclude:
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"/ray/" in cmd or cmd.startswith(b"ray::"):
+                pids.append(int(entry.name))
+    return pids
+
+
+class CpuSplit:
+    """Where a Ray round's CPU goes: the client actors, this driver, Ray's other processes, and what
+    the machine's cores left idle. Read between rounds, outside the timed part."""
+
+    PARTS = ("actors", "driver", "ray other", "idle")
+
+    def __init__(self, actor_pids: list[int]):
+        self.groups = {"actors": actor_pids, "driver": [os.getpid()],
+                       "ray other": ray_processes(set(actor_pids) | {os.getpid()})}
+        self.cores = len(os.sched_getaffinity(0))
+        self.rounds: list[dict[str, float]] = []  # ms per round, by part
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(cpu_s(p) for p in pids) for name, pids in self.groups.items()}
+
+    def measure(self, round_fn, seconds: list[float]) -> None:
+        """Run one round (which appends its wall seconds to `seconds`) and record its split."""
+        before = self._now()
+        round_fn()
+        after = self._now()
+        ms = {name: 1000 * (after[name] - before[name]) for name in before}
+        ms["idle"] = max(0.0, 1000 * self.cores * seconds[-1] - sum(ms.values()))
+        self.rounds.append(ms)
+
+    def mean(self, warmup: int) -> dict[str, float]:
+        """ms per round after warm-up: a mean, since the kernel counts CPU time in 10 ms ticks."""
+        return {part: statistics.mean(r[part] for r in self.rounds[warmup:]) for part in self.PARTS}
+
+
 def available_gb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -94,23 +148,24 @@ class Run:
         self.times.append(time.perf_counter() - t)
 
 
-def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int) -> tuple[float, float, bool, float]:
-    """Median s/round of the local backend and of Ray, whether they ended identical, and the largest
-    private memory of one of Ray's actors (GB).
+def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int) -> tuple:
+    """Median s/round of the local backend and of Ray, whether they ended identical, the largest
+    private memory of one of Ray's actors (GB), and the mean CPU split of a Ray round (ms).
 
     The two runs alternate round by round, so that both see the same stretches of this VM's speed,
     which drifts by up to 1.5x over a minute."""
     local, on_ray = Run({**local_keys, "runtime.backend": "local"}), Run(ray_keys)
     try:
+        pids = ray.get([a.__ray_call__.remote(lambda actor: os.getpid()) for a in on_ray.backend.actors])
+        split = CpuSplit(pids)
         for r in range(1, rounds + 1):
             local.round(r)
-            on_ray.round(r)
-        pids = ray.get([a.__ray_call__.remote(lambda actor: os.getpid()) for a in on_ray.backend.actors])
+            split.measure(lambda: on_ray.round(r), on_ray.times)
         actor_gb = max(private_gb(pid) for pid in pids)
     finally:
         on_ray.backend.shutdown()
     return (statistics.median(local.times[warmup:]), statistics.median(on_ray.times[warmup:]),
-            torch.equal(local.params, on_ray.params), actor_gb)
+            torch.equal(local.params, on_ray.params), actor_gb, split.mean(warmup))
 
 
 def main() -> None:
@@ -123,16 +178,16 @@ def main() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
     cpus = ray.cluster_resources()["CPU"]
     free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
-    res = {}  # label -> (local s/round, ray s/round, identical, largest actor's private GB)
+    res = {}  # label -> (local s/round, ray s/round, identical, largest actor's private GB, CPU split)
 
     def measure(label: str, local_keys: dict, ray_keys: dict) -> tuple:
         res[label] = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
         return res[label]
 
-    pl, pp, _, _ = measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
-    rl, rp, _, _ = measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
+    pl, pp, *_ = measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
+    rl, rp, *_ = measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
     small = args.actor_clients
-    sl, sa, _, actor_gb = measure(f"peer {small} clients, one per actor", with_clients(PEER, small),
+    sl, sa, _, actor_gb, _ = measure(f"peer {small} clients, one per actor", with_clients(PEER, small),
                                   one_per_actor(PEER, small, cpus))
     # One actor per client of (a), only where the machine holds them.
     clients = PEER["partition.num_clients"]
@@ -144,17 +199,23 @@ def main() -> None:
         skipped = f"{clients} actors x {actor_gb:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
     ray.shutdown()
     print(f"{'workload':<36}{'local s/round':>14}{'ray':>8}{'ratio':>8}{'identical':>11}")
-    for label, (local_s, ray_s, same, _) in res.items():
+    for label, (local_s, ray_s, same, *_) in res.items():
         print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ray_s / local_s:>8.2f}{str(same):>11}")
     if skipped:
         print(f"peer, one per actor: not measured, {skipped}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {cores} cores x the round's wall time):")
+    print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS))
+    for label, (*_, split) in res.items():
+        print(f"{label:<36}" + "".join(f"{split[part]:>11.0f}" for part in CpuSplit.PARTS))
     print(json.dumps({
         "local_s": round(pl, 4), "ray_actor_s": actor and round(actor[1], 4), "ray_packed_s": round(pp, 4),
         "ratio_actor": actor and round(actor[1] / actor[0], 3), "ratio_packed": round(pp / pl, 3),
         "identical": all(r[2] for r in res.values()), "rcsr_local_s": round(rl, 4), "rcsr_ray_packed_s": round(rp, 4),
         "rcsr_ratio_packed": round(rp / rl, 3), "ray_actor_skipped": skipped, "small_clients": small,
         "small_local_s": round(sl, 4), "small_ray_actor_s": round(sa, 4), "small_ratio_actor": round(sa / sl, 3),
-        "actor_private_gb": round(actor_gb, 3)}))
+        "actor_private_gb": round(actor_gb, 3),
+        "ray_cpu_ms": {label: {part: round(ms, 1) for part, ms in r[4].items()} for label, r in res.items()}}))
 
 
 if __name__ == "__main__":
