@@ -82,6 +82,25 @@ def test_initial_adapters_reproduce_the_frozen_backbone(store_path):
     assert all(not b._forward_hooks for b in backbone.transformer.resblocks)
 
 
+def test_pixels_are_kept_as_bytes_and_normalised_to_the_preprocessed_bits(store_path):
+    """Shards hold uint8 pixels, a quarter of the float ones; the adapters turn them into exactly
+    what open_clip's preprocessing gives, so training and evaluation see the same numbers."""
+    from PIL import Image
+
+    fed, _ = _initial(_config(store_path))
+    shard = fed.shard(0)
+    assert shard.image_emb.dtype == np.uint8 and shard.image_emb.shape[1:] == (3, 32, 32)
+    backbone = fed.store.backbone
+    rows = fed.train.image_rows[fed.partition.client_indices[0]]
+    paths = fed.store.features.images["path"].to_numpy()[rows]
+    floats = torch.stack([backbone.preprocess(Image.open(fed.store.root / str(p)).convert("RGB")) for p in paths])
+    assert torch.equal(backbone.from_bytes(torch.from_numpy(shard.image_emb)), floats)
+    assert floats.numel() * floats.element_size() == 4 * shard.image_emb.nbytes
+    # The adapters take either form alike.
+    model = fed.store.build_adapters(8, 0.0, 0, "cpu")
+    assert torch.equal(model.image(torch.from_numpy(shard.image_emb[:4])), model.image(floats[:4]))
+
+
 def test_client_update_trains_every_block_of_both_towers(store_path):
     cfg = _config(store_path)
     fed, params = _initial(cfg)

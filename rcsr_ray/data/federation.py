@@ -21,7 +21,9 @@ from rcsr_ray.data.store import FeatureStore, SplitView, concat_ranges
 class ClientShard:
     client_id: int
     modality: int  # PAIRED / IMAGE_ONLY / TEXT_ONLY (partition.py)
-    image_emb: np.ndarray  # (n, d) float32; all n images, even for a text-only client (it holds their captions)
+    # (n, d) float32 features, or (n, 3, S, S) pixels in full-backbone mode (uint8 where they can be);
+    # all n images, even for a text-only client (it holds their captions)
+    image_emb: np.ndarray
     caption_emb: np.ndarray  # (m, d) float32, grouped by image
     caption_offsets: np.ndarray  # (n+1,) captions of image i are rows o[i]:o[i+1]
     clusters: np.ndarray  # (n,) semantic cluster of each image
@@ -120,7 +122,8 @@ class Federation:
             caption_emb = _renorm(caption_emb + txt_shift)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         clusters = self.partition.clusters if clusters is None else clusters
-        return ClientShard(client, modality, image_emb.astype(np.float32, copy=False),
+        pixels = image_emb.dtype == np.uint8  # full-backbone mode: normalised by the adapters
+        return ClientShard(client, modality, image_emb if pixels else image_emb.astype(np.float32, copy=False),
                            caption_emb.astype(np.float32, copy=False), offsets,
                            clusters[local])
 

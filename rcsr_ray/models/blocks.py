@@ -8,8 +8,9 @@ round loop run unchanged:
   `AdapterPair`; all adapter parameters are views into one flat buffer, which is what the server
   aggregates.
 - `InputStore` stands in for the feature store: the same rows, but `image_emb[rows]` gives
-  preprocessed pixels and `caption_emb[rows]` token ids, so a federation's shards carry the
-  backbone's inputs. `BlocksFederation` is a `Federation` whose store is an `InputStore`.
+  pixels (as bytes where the preprocessing allows, normalised when the adapters run) and
+  `caption_emb[rows]` token ids, so a federation's shards carry the backbone's inputs.
+  `BlocksFederation` is a `Federation` whose store is an `InputStore`.
 The backbone (name, weights, random seed) is the one the feature store was encoded with, as
 recorded in its meta.json, unless `model.name` / `model.pretrained` say otherwise.
 """
@@ -65,6 +66,7 @@ class BlockAdapters(FlatAdapters):
         self.image_numel = sum(p.numel() for p in self.image_adapters.parameters())
         self.dim = backbone.dim
         self._frozen = (backbone.model, vis, txt)  # a tuple, so nn.Module does not register them
+        self._backbone = backbone
 
     @contextlib.contextmanager
     def _hooked(self, blocks: nn.ModuleList, adapters: nn.ModuleList):
@@ -76,7 +78,9 @@ class BlockAdapters(FlatAdapters):
                 h.remove()
 
     def image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) preprocessed pixels -> (n, dim) unit-norm embeddings."""
+        """(n, 3, S, S) pixels, uint8 (`InputStore`) or preprocessed floats -> (n, dim) unit-norm embeddings."""
+        if pixels.dtype == torch.uint8:
+            pixels = self._backbone.from_bytes(pixels)
         model, vis, _ = self._frozen
         with self._hooked(vis, self.image_adapters):
             return F.normalize(model.encode_image(pixels).float(), dim=-1)
@@ -114,8 +118,9 @@ class _Rows:
 
 class InputStore:
     """A feature store seen through the backbone's inputs: `image_emb[rows]` are the images' pixels
-    (read from meta.json's `root` / the `path` column, preprocessed), `caption_emb[rows]` the
-    captions' token ids as float32 (exact: ids are far below 2**24). Everything else is the store's."""
+    (read from meta.json's `root` / the `path` column, preprocessed up to bytes: `Backbone.byte_steps`),
+    `caption_emb[rows]` the captions' token ids as float32 (exact: ids are far below 2**24).
+    Everything else is the store's."""
 
     def __init__(self, features: FeatureStore, name: str, pretrained: str | None, seed: int):
         self.features = features
@@ -140,14 +145,16 @@ class InputStore:
     def _pixels(self, rows: np.ndarray) -> np.ndarray:
         from PIL import Image
 
-        preprocess, size = self._backbone().preprocess, self._backbone().image_size
-        out = np.empty((len(rows), 3, size, size), np.float32)
+        backbone = self._backbone()
+        steps, size = backbone.byte_steps, backbone.image_size
+        out = np.empty((len(rows), 3, size, size), np.uint8 if steps else np.float32)
         paths = self.features.images["path"].to_numpy()
         for i, r in enumerate(rows):
             f = self.root / str(paths[r])
             try:
                 with Image.open(f) as img:
-                    out[i] = preprocess(img.convert("RGB")).numpy()
+                    rgb = img.convert("RGB")
+                    out[i] = np.asarray(steps[0](rgb)).transpose(2, 0, 1) if steps else backbone.preprocess(rgb).numpy()
             except (OSError, ValueError) as exc:
                 raise StoreError(f"{f}: image {r} of {self.path} cannot be read for model.adapter.placement=blocks "
                                  f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
