@@ -72,8 +72,10 @@ class FedAvg:
         `load_state_dict` copies what it is given."""
         return {k: v for k, v in vars(self).items() if k != "cfg"}
 
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(copy.deepcopy(state))
+    def load_state_dict(self, state: dict, copy_state: bool = True) -> None:
+        """Take over `state` (a copy of it, unless `copy_state` is False: a state just read from a
+        checkpoint belongs to nobody else, and copying it would double it for a moment)."""
+        vars(self).update(copy.deepcopy(state) if copy_state else state)
 
     def round_metrics(self, ok: list[ClientUpdate]) -> dict:
         return {"trained_clients": len(ok), "rejected_updates": self.rejected_total,

@@ -101,7 +101,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     ckpt = checkpoint.load(out_dir, cfg) if out_dir is not None and rounds else None
     if ckpt is not None:
         params, rows, counts = ckpt["params"], ckpt["rows"], ckpt["counts"]
-        strategy.load_state_dict(ckpt["strategy"])
+        strategy.load_state_dict(ckpt["strategy"], copy_state=False)  # read from disk: nobody else holds it
         backend.load_client_state(ckpt["clients"])
         start = ckpt["round"] + 1
         log.warning("resuming %s from round %d", out_dir, ckpt["round"])
