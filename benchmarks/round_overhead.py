@@ -97,23 +97,23 @@ class CpuSplit:
     the machine's cores left idle. Read between rounds, outside the timed part."""
 
     PARTS = ("actors", "driver", "ray other", "idle")
+    CORES = len(os.sched_getaffinity(0))
 
     def __init__(self, actor_pids: list[int]):
         self.groups = {"actors": actor_pids, "driver": [os.getpid()],
                        "ray other": ray_processes(set(actor_pids) | {os.getpid()})}
-        self.cores = len(os.sched_getaffinity(0))
         self.rounds: list[dict[str, float]] = []  # ms per round, by part
 
     def _now(self) -> dict[str, float]:
         return {name: sum(cpu_s(p) for p in pids) for name, pids in self.groups.items()}
 
-    def measure(self, round_fn, seconds: list[float]) -> None:
-        """Run one round (which appends its wall seconds to `seconds`) and record its split."""
+    def measure(self, run: "Run", r: int) -> None:
+        """Run round `r` of `run` and record its split."""
         before = self._now()
-        round_fn()
+        run.round(r)
         after = self._now()
         ms = {name: 1000 * (after[name] - before[name]) for name in before}
-        ms["idle"] = max(0.0, 1000 * self.cores * seconds[-1] - sum(ms.values()))
+        ms["idle"] = max(0.0, 1000 * self.CORES * run.times[-1] - sum(ms.values()))
         self.rounds.append(ms)
 
     def mean(self, warmup: int) -> dict[str, float]:
@@ -160,7 +160,7 @@ def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int
         split = CpuSplit(pids)
         for r in range(1, rounds + 1):
             local.round(r)
-            split.measure(lambda: on_ray.round(r), on_ray.times)
+            split.measure(on_ray, r)
         actor_gb = max(private_gb(pid) for pid in pids)
     finally:
         on_ray.backend.shutdown()
@@ -203,8 +203,7 @@ def main() -> None:
         print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ray_s / local_s:>8.2f}{str(same):>11}")
     if skipped:
         print(f"peer, one per actor: not measured, {skipped}")
-    cores = len(os.sched_getaffinity(0))
-    print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {cores} cores x the round's wall time):")
+    print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {CpuSplit.CORES} cores x the round's wall time):")
     print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS))
     for label, (*_, split) in res.items():
         print(f"{label:<36}" + "".join(f"{split[part]:>11.0f}" for part in CpuSplit.PARTS))

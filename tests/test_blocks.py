@@ -77,7 +77,7 @@ def test_initial_adapters_reproduce_the_frozen_backbone(store_path):
     moved = params + 0.05 * torch.randn(params.shape, generator=torch.Generator().manual_seed(0))
     img2, txt2 = apply_adapters(evaluator.model, moved, evaluator.images, evaluator.captions)
     assert (img2 - img).abs().max() > 1e-3 and (txt2 - txt).abs().max() > 1e-3
-    backbone = evaluator.model._frozen[0]
+    backbone = evaluator.model._frozen[0].model
     assert all(not b._forward_hooks for b in backbone.visual.transformer.resblocks)
     assert all(not b._forward_hooks for b in backbone.transformer.resblocks)
 

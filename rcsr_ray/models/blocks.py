@@ -65,8 +65,7 @@ class BlockAdapters(FlatAdapters):
         self.flat = share_flat(self, device)
         self.image_numel = sum(p.numel() for p in self.image_adapters.parameters())
         self.dim = backbone.dim
-        self._frozen = (backbone.model, vis, txt)  # a tuple, so nn.Module does not register them
-        self._backbone = backbone
+        self._frozen = (backbone, vis, txt)  # a tuple, so nn.Module does not register the blocks
 
     @contextlib.contextmanager
     def _hooked(self, blocks: nn.ModuleList, adapters: nn.ModuleList):
@@ -79,17 +78,17 @@ class BlockAdapters(FlatAdapters):
 
     def image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) pixels, uint8 (`InputStore`) or preprocessed floats -> (n, dim) unit-norm embeddings."""
+        backbone, vis, _ = self._frozen
         if pixels.dtype == torch.uint8:
-            pixels = self._backbone.from_bytes(pixels)
-        model, vis, _ = self._frozen
+            pixels = backbone.from_bytes(pixels)
         with self._hooked(vis, self.image_adapters):
-            return F.normalize(model.encode_image(pixels).float(), dim=-1)
+            return F.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
 
     def text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(m, context) token ids (any dtype, shards keep them as float32) -> (m, dim) unit-norm embeddings."""
-        model, _, txt = self._frozen
+        backbone, _, txt = self._frozen
         with self._hooked(txt, self.text_adapters):
-            return F.normalize(model.encode_text(tokens.long()).float(), dim=-1)
+            return F.normalize(backbone.model.encode_text(tokens.long()).float(), dim=-1)
 
 
 _LOADED: dict[tuple, Backbone] = {}  # one frozen backbone per process and device

@@ -144,7 +144,8 @@ class ClientActor:
                 self.worker.forget(c)
         stashed = []
         for u in results if rows else ():
-            if isinstance(u, ClientUpdate) and u.delta is not None and u.delta.data_ptr() == rows[u.client_id].data_ptr():
+            in_row = isinstance(u, ClientUpdate) and u.delta is not None
+            if in_row and u.delta.data_ptr() == rows[u.client_id].data_ptr():
                 u.delta = None  # it is in the shared matrix
                 stashed.append(u.client_id)
         return results, stashed
