@@ -228,15 +228,18 @@ def test_router_step_on_the_routed_forward_is_the_plain_step():
     assert not torch.equal(plain.router.head.weight, RouterTrainer(dim=8, hidden=32, seed=0).router.head.weight)
 
 
-def test_router_adam_as_foreach_kernels_steps_as_the_per_tensor_one():
-    foreach, per_tensor = RouterTrainer(dim=8, hidden=32, seed=0), RouterTrainer(dim=8, hidden=32, seed=0)
+def test_router_adam_steps_as_torch_optims():
+    """The router's Adam (ours, see models/optim.py) moves it as torch.optim's foreach and per-tensor ones do."""
+    ours, foreach, per_tensor = (RouterTrainer(dim=8, hidden=32, seed=0) for _ in range(3))
+    foreach.optimizer = torch.optim.Adam(foreach.router.parameters(), lr=1e-3, foreach=True)
     per_tensor.optimizer = torch.optim.Adam(per_tensor.router.parameters(), lr=1e-3, foreach=False)
-    assert foreach.optimizer.defaults["foreach"] is True
     for seed in range(4):
         batch = toy_round(seed=seed)
-        foreach.step(*batch)
-        per_tensor.step(*batch)
-    assert all(torch.equal(p, q) for p, q in zip(foreach.router.parameters(), per_tensor.router.parameters()))
+        for trainer in (ours, foreach, per_tensor):
+            trainer.step(*batch)
+    for p, q, r in zip(ours.router.parameters(), foreach.router.parameters(), per_tensor.router.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    assert not torch.equal(ours.router.head.weight, RouterTrainer(dim=8, hidden=32, seed=0).router.head.weight)
 
 
 def test_router_trainer_single_client_and_state_dict():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rcsr_ray.models.optim import ForeachAdam
 from rcsr_ray.models.router import SemanticRouter
 
 IMAGE, TEXT = 0, 1  # columns of the modality masks
@@ -316,7 +317,7 @@ class RouterTrainer:
     def __init__(self, dim: int, hidden: int = 128, heads: int = 4, blocks: int = 2, seed: int = 0,
                  lr: float = 1e-3, b1: float = 1.0, b2: float = 1.0, b4: float = 0.1, b5: float = 0.3):
         self.router = SemanticRouter(dim, hidden, heads, blocks, seed)
-        self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr, foreach=True)
+        self.optimizer = ForeachAdam(self.router.parameters(), lr)
         self.coefficients = {"b1": b1, "b2": b2, "b4": b4, "b5": b5}
 
     @torch.no_grad()
