@@ -12,12 +12,14 @@ benchmark):
 
     python benchmarks/gpu_check.py                      # about a minute on one GPU
     python benchmarks/gpu_check.py --client-gpus 0.25 --rounds 5
+    python benchmarks/gpu_check.py --profile            # and the slowest actor's clients, op by op
 
 Exits non-zero when a check fails. The last line is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,7 +42,7 @@ def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / (a.norm() + 1e-12))
 
 
-def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
+def compare_rounds(cfg_cpu, cfg_gpu, rounds: int, profile: bool = False) -> dict:
     fed = build_federation(cfg_cpu)
     strategy = make_strategy(cfg_cpu, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
     cpu = LocalBackend(fed, cfg_cpu)
@@ -73,31 +75,43 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int) -> dict:
 
         def describe(actor):
             return (str(actor.worker.device) if actor.worker else None, [str(g) for g in ray.get_gpu_ids()],
-                    torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0)
+                    torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+                    torch.get_num_threads())
 
-        def direct(actor):
+        def direct(actor, profile=False):
             """Seconds for all the actor's home clients with the last round it ran, called in the actor
             itself (the second of two passes): the actor's compute alone, without the backend's
-            scheduling. None for an actor that ran no round."""
+            scheduling. None for an actor that ran no round. With `profile`, the second pass's torch
+            profiler table instead."""
             r = actor.round
             if r is None:
                 return None
-            for _ in range(2):
-                t0 = time.perf_counter()
-                for c in actor.home:
-                    actor.worker.update(c, r.state, r.settings, r.seed, r.round_idx)
-            return time.perf_counter() - t0
+            for rep in range(2):
+                prof = torch.profiler.profile() if profile and rep else contextlib.nullcontext()
+                with prof:
+                    t0 = time.perf_counter()
+                    for c in actor.home:
+                        actor.worker.update(c, r.state, r.settings, r.seed, r.round_idx)
+                    seconds = time.perf_counter() - t0
+            return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) if profile else seconds
 
         actors = ray.get([a.__ray_call__.remote(describe) for a in gpu.actors])
-        direct_s = [s for s in ray.get([a.__ray_call__.remote(direct) for a in gpu.actors]) if s is not None]
+        direct_all = ray.get([a.__ray_call__.remote(direct) for a in gpu.actors])
+        direct_s = [s for s in direct_all if s is not None]
+        if profile:  # the slowest actor's own pass, op by op
+            slowest = max(range(len(direct_all)), key=lambda i: direct_all[i] or 0.0)
+            print(f"torch profile of actor {slowest}'s clients ({direct_all[slowest]:.3f} s):")
+            print(ray.get(gpu.actors[slowest].__ray_call__.remote(direct, True)))
         return {"actors": len(gpu.actors), "clients_per_actor": gpu.per_actor,
-                "actor_devices": sorted({d for d, _, _ in actors}),
-                "actor_gpu_ids": sorted({g for _, ids, _ in actors for g in ids}),
-                "actor_cuda_mib_max": max(m for _, _, m in actors),
+                "actor_devices": sorted({a[0] for a in actors}),
+                "actor_gpu_ids": sorted({g for a in actors for g in a[1]}),
+                "actor_cuda_mib_max": max(a[2] for a in actors),
+                "actor_torch_threads": sorted({a[3] for a in actors}),
                 "client_updates": len(gaps), "shared_updates": gpu.shared_updates, "gpu_backend_start_s": start_s,
                 # the last round: the first moves every shard to the device
                 "cpu_train_s": seconds["cpu"][-1], "gpu_train_s": seconds["gpu"][-1],
-                "gpu_train_s_by_round": seconds["gpu"], "actor_direct_s_max": max(direct_s),
+                "gpu_train_s_by_round": seconds["gpu"], "cpu_train_s_by_round": seconds["cpu"],
+                "actor_direct_s": direct_all, "actor_direct_s_max": max(direct_s),
                 "delta_gap_max": max(gaps), "delta_gap_median": statistics.median(gaps)}
     finally:
         gpu.shutdown()
@@ -115,6 +129,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--delta-tolerance", type=float, default=1e-3, help="largest relative gap of a delta")
     ap.add_argument("--tolerance", type=float, default=1.0, help="largest gap of mean R@1 (points)")
+    ap.add_argument("--profile", action="store_true", help="print the torch profile of the slowest actor's clients")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible")
@@ -126,7 +141,7 @@ def main() -> None:
 
     res = {"gpu": torch.cuda.get_device_name(0), "client_gpus": args.client_gpus, "rounds": args.rounds,
            "compared_rounds": min(args.rounds, 3)}
-    res.update(compare_rounds(cfg_cpu, cfg_gpu, res["compared_rounds"]))
+    res.update(compare_rounds(cfg_cpu, cfg_gpu, res["compared_rounds"], args.profile))
     cpu_summary, cpu_s = timed_run(cfg_cpu)
     gpu_summary, gpu_s = timed_run(cfg_gpu)
     res.update(cpu_mean_r1=cpu_summary["mean_r1"], gpu_mean_r1=gpu_summary["mean_r1"],
