@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -37,17 +39,25 @@ def results_table(summary: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    from rcsr_ray.runtime.loop import run_simulation
-
     cfg = _load(args)
     out = Path(args.out) if args.out else _default_out(cfg.fed.method)
     print(f"rcsr-ray run: method={cfg.fed.method} preset={cfg.preset} clients={cfg.partition.num_clients} "
           f"rounds={cfg.fed.rounds} backend={cfg.runtime.backend} -> {out}", file=sys.stderr)
     if cfg.runtime.backend == "ray":
+        from rcsr_ray.runtime.connect import ensure_ray
+
+        # Ray's start (about 7 s on 2 cores, in its own processes) leaves a core idle part of the
+        # time; torch's import (2.5 s on one core), which the driver module needs, fills it.
+        torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
+        torch_import.start()
+        ensure_ray(cfg)
+        torch_import.join()
         from rcsr_ray.runtime.driver import run_on_ray
 
         result = run_on_ray(cfg, out, progress=not args.quiet)
     else:
+        from rcsr_ray.runtime.loop import run_simulation
+
         result = run_simulation(cfg, out, progress=not args.quiet)
     print(results_table(result.summary))
     print(f"\n{result.summary['rounds']} rounds in {result.summary['seconds']:.1f} s; run folder: {out}")

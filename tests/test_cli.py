@@ -36,6 +36,18 @@ def test_run_writes_run_folder(tmp_path, cache_dir, capsys):
     assert len(pd.read_csv(out / "partition.csv")) == SMALL["partition.num_clients"]
 
 
+def test_run_on_ray_prints_the_local_backends_table(tmp_path, cache_dir, capsys, ray_session):
+    """The Ray path of `rcsr-ray run` (Ray started while torch imports, then the driver actor)
+    prints the table the local backend prints."""
+    tables = {}
+    for backend in ("local", "ray"):
+        args = _args(cache_dir, **{"fed.method": "fedavg", "fed.rounds": 2, "runtime.backend": backend})
+        assert main(["run", "--quiet", "--out", str(tmp_path / backend), *args]) == 0
+        tables[backend] = capsys.readouterr().out.split("\n\n")[0]
+    assert "fedavg" in tables["ray"] and "mean_r1" in tables["ray"]
+    assert tables["ray"] == tables["local"]
+
+
 def test_partition_command(tmp_path, cache_dir, capsys):
     png = tmp_path / "p.png"
     assert main(["partition", "--plot", str(png), *_args(cache_dir)]) == 0

@@ -33,7 +33,8 @@ from rcsr_ray.config import ConfigError, load_config
 from rcsr_ray.data.readers import ImageCaptions, read_dataset
 from rcsr_ray.data.store import FeatureStore, write_store
 from rcsr_ray.models.backbone import load_backbone
-from rcsr_ray.runtime.ray_backend import actor_device, ensure_ray
+from rcsr_ray.runtime.connect import ensure_ray
+from rcsr_ray.runtime.ray_backend import actor_device
 
 log = logging.getLogger(__name__)
 

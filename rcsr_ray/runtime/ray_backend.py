@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import uuid
 import warnings
@@ -31,6 +30,7 @@ import torch
 
 from rcsr_ray.config import Config, parse_faults
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
+from rcsr_ray.runtime.connect import ensure_ray
 from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 from rcsr_ray.runtime.schedule import RoundSchedule
 from rcsr_ray.runtime.shared_rows import SHM_DIR, RowWriter, SharedRows
@@ -49,18 +49,6 @@ INLINE_BYTES = 64 * 1024
 def actor_device() -> str:
     """The torch device of the calling actor: what Ray assigned it, a GPU share when it asked for one."""
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
-def ensure_ray(cfg: Config) -> None:
-    """Join the cluster named by runtime.address / RAY_ADDRESS, else start a local instance on 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(num_cpus=cfg.runtime.num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-             include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 @dataclass

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from rcsr_ray.config import ConfigError, _flatten, load_config
 from rcsr_ray.runtime.loop import run_simulation
-from rcsr_ray.runtime.ray_backend import client_gpu_share, ensure_ray
+from rcsr_ray.runtime.connect import ensure_ray
+from rcsr_ray.runtime.ray_backend import client_gpu_share
 from rcsr_ray.sweep.report import TRIALS_DIR, run_folder, write_sweep_report
 from rcsr_ray.sweep.spec import SPEC_FILE, SweepSpec, max_rounds, trial_actors
 
