@@ -18,7 +18,7 @@ def _params(seed: int, shapes=((5, 3), (3,), (4, 5))) -> list[torch.nn.Parameter
 def _grads(params, step: int, skip: int | None = None) -> None:
     g = torch.Generator().manual_seed(100 + step)
     for i, p in enumerate(params):
-        p.grad = None if i == skip else torch.randn(p.shape, generator=g) * (1 + step)
+        p.grad = None if i == skip else (torch.randn(p.shape, generator=g) * (1 + step)).to(p.device)
 
 
 def _steps(pairs, steps, skip=None):
@@ -61,10 +61,48 @@ def test_foreach_adam_steps_as_torch_optim_and_swaps_state_with_it():
     ref.load_state_dict(copy.deepcopy(ours.state_dict()))
     _steps([(ours_p, ours), (ref_p, ref)], 2)
     assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
+    # torch.optim's state loads into ours too (a checkpoint written before models/optim.py).
+    ref_state = copy.deepcopy(ref.state_dict())
+    again_p = [p.detach().clone().requires_grad_() for p in ref_p]
+    again = ForeachAdam(again_p, 1e-2)
+    again.load_state_dict(ref_state)
+    _steps([(again_p, again), (ref_p, ref)], 2)
+    assert all(torch.equal(a, b) for a, b in zip(again_p, ref_p))
     ours.zero_grad()
     assert all(p.grad is None for p in ours_p)
     with pytest.raises(ValueError, match="several devices or of several dtypes"):
         ForeachAdam([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], 1e-3)
+
+
+def test_state_of_another_parameter_list_is_refused_and_numeric_steps_load():
+    state = FusedAdamW(_params(0), 1e-3, 0.0).state_dict()
+    with pytest.raises(ValueError, match="holds 3 parameters, this optimizer 2"):
+        FusedAdamW(_params(0, shapes=((2,), (3,))), 1e-3, 0.0).load_state_dict(state)
+    params = _params(0)
+    old = {"state": {0: {"step": 4, "exp_avg": torch.zeros(5, 3), "exp_avg_sq": torch.zeros(5, 3)}},
+           "param_groups": [{"params": [0, 1, 2]}]}
+    for opt in (ForeachAdam(params, 1e-3), FusedAdamW(params, 1e-3, 0.0)):
+        opt.load_state_dict(old)
+        assert opt.state[0]["step"].dtype == torch.float32 and opt.state[0]["step"].item() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_adamw_on_cuda_steps_as_torch_optim_and_loads_cpu_state():
+    """Where client workers run on a GPU: the step lives on the device, and saved state comes from the CPU."""
+    ours_p = [p.detach().cuda().requires_grad_() for p in _params(2)]
+    torch_p = [p.detach().cuda().requires_grad_() for p in _params(2)]
+    ours, ref = FusedAdamW(ours_p, 3e-2, 0.1), torch.optim.AdamW(torch_p, lr=3e-2, weight_decay=0.1, fused=True)
+    _steps([(ours_p, ours), (torch_p, ref)], 3)
+    assert all(torch.equal(a, b) for a, b in zip(ours_p, torch_p))
+    assert ours.state[0]["step"].device.type == "cuda"
+    on_cpu = {"state": {i: {k: v.cpu() for k, v in st.items()} for i, st in ref.state_dict()["state"].items()},
+              "param_groups": ref.state_dict()["param_groups"]}
+    a_p = [p.detach().clone().requires_grad_() for p in torch_p]
+    a = FusedAdamW(a_p, 3e-2, 0.1)
+    a.load_state_dict(on_cpu)
+    assert all(t.device.type == "cuda" for st in a.state.values() for t in st.values())
+    _steps([(a_p, a), (torch_p, ref)], 2)
+    assert all(torch.equal(x, y) for x, y in zip(a_p, torch_p))
 
 
 def test_training_and_the_server_step_do_not_import_torch_dynamo(small_config, tmp_path):

@@ -22,13 +22,20 @@ class _AdamState:
 
     def __init__(self, params, lr: float, weight_decay: float):
         self.params = list(params)
+        if len({(p.device, p.dtype) for p in self.params}) > 1:
+            # torch.optim groups by both, which sets its order of operations; one group keeps it plain
+            raise ValueError(f"{type(self).__name__}: parameters on several devices or of several dtypes")
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.state: dict[int, dict[str, torch.Tensor]] = {}
 
+    def _step_dtype(self) -> torch.dtype:
+        """torch.optim's `_get_scalar_dtype`: float32 when fused, else follows the default dtype."""
+        return torch.float64 if not self.fused and torch.get_default_dtype() == torch.float64 else torch.float32
+
     def _moments(self, i: int, p: torch.Tensor) -> dict[str, torch.Tensor]:
         if i not in self.state:
-            step = torch.zeros((), dtype=torch.float32, device=p.device) if self.fused else \
-                torch.tensor(0.0, dtype=torch.float32)
+            step = torch.zeros((), dtype=self._step_dtype(), device=p.device) if self.fused else \
+                torch.tensor(0.0, dtype=self._step_dtype())
             self.state[i] = {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
         return self.state[i]
@@ -56,12 +63,19 @@ class _AdamState:
         """The moments of `state` (ours or torch.optim's), moved as torch.optim moves them: to each
         parameter's device and dtype, without a copy where they already match. The hyperparameters
         stay this optimizer's own."""
+        saved_params = [i for group in state["param_groups"] for i in group["params"]]
+        if len(saved_params) != len(self.params):
+            raise ValueError(f"{type(self).__name__}: the state holds {len(saved_params)} parameters, "
+                             f"this optimizer {len(self.params)}")
         self.state = {}
         for i, saved in state["state"].items():
             p = self.params[int(i)]
-            self.state[int(i)] = {
-                k: (v.to(dtype=torch.float32, device=p.device) if self.fused else v) if k == "step"
-                else v.to(dtype=p.dtype, device=p.device) for k, v in saved.items()}
+            moments = {k: v.to(dtype=p.dtype, device=p.device) for k, v in saved.items() if k != "step"}
+            step = saved["step"]
+            if not isinstance(step, torch.Tensor):  # torch.optim's older checkpoints kept a number
+                step = torch.tensor(float(step), dtype=self._step_dtype())
+            moments["step"] = step.to(dtype=torch.float32, device=p.device) if self.fused else step
+            self.state[int(i)] = moments
 
 
 class FusedAdamW(_AdamState):
@@ -84,13 +98,10 @@ class FusedAdamW(_AdamState):
 
 
 class ForeachAdam(_AdamState):
-    """torch.optim.Adam(params, lr, foreach=True) without weight decay, for parameters on one device
-    and of one dtype (torch.optim groups by both; one group gives its order of operations)."""
+    """torch.optim.Adam(params, lr, foreach=True) without weight decay."""
 
     def __init__(self, params, lr: float):
         super().__init__(params, lr, 0.0)
-        if len({(p.device, p.dtype) for p in self.params}) > 1:
-            raise ValueError("ForeachAdam: parameters on several devices or of several dtypes")
 
     @torch.no_grad()
     def step(self) -> None:
