@@ -112,10 +112,6 @@ class ClientWorker:
     def __init__(self, federation, bottleneck: int, torch_threads: int = 1, device: str | torch.device = "cpu"):
         self.federation = federation  # anything with .shard(client) -> ClientShard
         self.device = torch.device(device)
-        if self.device.type == "cuda":
-            # cuDNN's default TF32 convolutions (blocks mode's patch embedding) put updates up to 2%
-            # off the CPU's on an H200; in float32 they agree within 5e-5, as on cached features.
-            torch.backends.cudnn.allow_tf32 = False
         self.bottleneck = bottleneck
         self.model = adapter_model(federation.store, bottleneck, device=self.device)
         self.torch_threads = torch_threads
