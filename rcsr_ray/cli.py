@@ -38,6 +38,28 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def importing_meanwhile(module: str, fn, *args):
+    """fn(*args) while `module` is imported in another thread. Returns once both are done; an error
+    of fn comes first, else the import's."""
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # raised in the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    try:
+        result = fn(*args)
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return result
+
+
 def cmd_run(args) -> int:
     cfg = _load(args)
     out = Path(args.out) if args.out else _default_out(cfg.fed.method)
@@ -48,10 +70,7 @@ def cmd_run(args) -> int:
 
         # Ray's start (about 7 s on 2 cores, in its own processes) leaves a core idle part of the
         # time; torch's import (2.5 s on one core), which the driver module needs, fills it.
-        torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
-        torch_import.start()
-        ensure_ray(cfg)
-        torch_import.join()
+        importing_meanwhile("torch", ensure_ray, cfg)
         from rcsr_ray.runtime.driver import run_on_ray
 
         result = run_on_ray(cfg, out, progress=not args.quiet)

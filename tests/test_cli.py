@@ -1,12 +1,16 @@
 """The rcsr-ray command: a run folder with everything the README promises; the partition report."""
+import builtins
 import json
 import re
+import sys
+import threading
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 
-from rcsr_ray.cli import main
+from rcsr_ray.cli import importing_meanwhile, main
 from rcsr_ray.runtime.loop import METRIC_KEYS
 from tests.conftest import SMALL
 
@@ -46,6 +50,26 @@ def test_run_on_ray_prints_the_local_backends_table(tmp_path, cache_dir, capsys,
         tables[backend] = capsys.readouterr().out.split("\n\n")[0]
     assert "fedavg" in tables["ray"] and "mean_r1" in tables["ray"]
     assert tables["ray"] == tables["local"]
+
+
+def test_importing_meanwhile_overlaps_and_raises_in_the_callers_thread(tmp_path, monkeypatch):
+    """`rcsr-ray run` starts Ray while torch imports: the two overlap, and an error on either side
+    reaches the caller."""
+    started = threading.Event()
+    monkeypatch.setattr(builtins, "_rcsr_import_test", started, raising=False)
+    (tmp_path / "waits_for_caller.py").write_text("import builtins\nOVERLAPPED = builtins._rcsr_import_test.wait(30)\n")
+    (tmp_path / "broken_module.py").write_text("raise ImportError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    assert importing_meanwhile("waits_for_caller", lambda x: started.set() or x + 1, 41) == 42
+    assert sys.modules["waits_for_caller"].OVERLAPPED  # the import waited for the caller's function
+    with pytest.raises(ImportError, match="broken on purpose"):
+        importing_meanwhile("broken_module", lambda: None)
+
+    def fails():
+        raise RuntimeError("no cluster")
+    with pytest.raises(RuntimeError, match="no cluster"):  # the caller's error first, the import joined
+        importing_meanwhile("broken_module", fails)
 
 
 def test_partition_command(tmp_path, cache_dir, capsys):

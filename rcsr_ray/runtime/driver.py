@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from rcsr_ray.config import Config
 from rcsr_ray.fl.strategy import training_rounds
-from rcsr_ray.runtime.loop import RunResult, run_simulation
 from rcsr_ray.runtime.connect import ensure_ray
+from rcsr_ray.runtime.loop import RunResult, run_simulation
 
 
 @ray.remote(max_concurrency=2)  # one thread runs the loop, the other answers progress polls
