@@ -1,6 +1,7 @@
 """Sweeps: spec validation, trials equal to plain runs, placement groups, resume, reports, CLI."""
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -107,16 +108,16 @@ def test_cli_bad_spec_one_line_exit_2_before_any_trial(tmp_path, capsys):
 def smoke_sweep(ray_session, cache_dir, tmp_path_factory):
     """tune/smoke.yaml's shape at test size: 1 alpha x 1 missing rate x 2 methods, 6 clients, Ray actors
     of 1 CPU. Each trial needs its driver CPU plus its client actor's: the whole 2-CPU cluster."""
-    from rcsr_ray.sweep.runner import run_sweep, sweep_trial
+    from rcsr_ray.sweep.runner import run_sweep, sweep_trial, trial_folder
 
     def record_placement(config, spec):  # the sweep's trainable, first noting the trial's placement group
         import ray
-        from ray import tune
         from ray.util import get_current_placement_group
 
         pg, ctx = get_current_placement_group(), ray.get_runtime_context()
-        (Path(tune.get_context().get_trial_dir()) / "placement.json").write_text(json.dumps(
-            {"bundles": pg.bundle_specs, "captures": ctx.should_capture_child_tasks_in_placement_group}))
+        (trial_folder() / "placement.json").write_text(json.dumps(
+            {"bundles": pg.bundle_specs, "captures": ctx.should_capture_child_tasks_in_placement_group,
+             "pid": os.getpid()}))
         sweep_trial(config, spec)
 
     tree = yaml.safe_load((TUNE / "smoke.yaml").read_text())
@@ -150,10 +151,16 @@ def test_smoke_trials_equal_plain_runs(smoke_sweep):
 
 def test_trials_reserve_their_actors_and_do_not_overlap(smoke_sweep):
     spec, out, table = smoke_sweep
+    pids = set()
     for trial_dir in table["trial_dir"]:
         placement = json.loads((out / "trials" / trial_dir / "placement.json").read_text())
         # one driver bundle and one bundle for the trial's single client actor; the actor is captured
-        assert placement == {"bundles": [{"CPU": 1.0}, {"CPU": 1.0}], "captures": True}
+        assert {k: placement[k] for k in ("bundles", "captures")} == {"bundles": [{"CPU": 1.0}, {"CPU": 1.0}],
+                                                                     "captures": True}
+        pids.add(placement["pid"])
+    # The second trial ran in the first one's actor (reuse_actors), still in its own folder and
+    # group, with the plain run's results (test_smoke_trials_equal_plain_runs).
+    assert len(pids) == 1
     # two trials of 2 CPUs on a 2-CPU cluster: one after the other, neither failed
     first, second = table.sort_values("trial_start").itertuples()
     assert first.trial_end <= second.trial_start

@@ -28,8 +28,8 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from rcsr_ray.config import ConfigError, _flatten, load_config
-from rcsr_ray.runtime.loop import run_simulation
 from rcsr_ray.runtime.connect import ensure_ray
+from rcsr_ray.runtime.loop import run_simulation
 from rcsr_ray.runtime.ray_backend import client_gpu_share
 from rcsr_ray.sweep.report import TRIALS_DIR, run_folder, write_sweep_report
 from rcsr_ray.sweep.spec import SPEC_FILE, SweepSpec, max_rounds, trial_actors
@@ -47,10 +47,19 @@ def _numbers(row: dict, prefix: str = "") -> dict:
     return out
 
 
+def trial_folder() -> Path:
+    """The running trial's folder in the sweep folder. Tune's `get_trial_dir()` gives it in a trial's
+    own actor but a scratch working directory in an actor reused from an earlier trial
+    (`reuse_actors`), so it is read from the trial's storage context (a developer API of Ray)."""
+    from ray.train._internal.session import get_storage
+
+    return Path(get_storage().trial_fs_path)
+
+
 def sweep_trial(config: dict, spec: SweepSpec) -> None:
     """The function trainable: one simulation in the trial's folder, a Tune report per evaluated round."""
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
+    trial_dir = trial_folder()
     trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = spec.trial_config(config)
     info = {"trial_id": ctx.get_trial_id(), "params": config, "start": time.time(), "config": _flatten(cfg.to_dict())}
@@ -158,7 +167,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, progress: 
         tuner = tune.Tuner(
             fn, param_space=param_space(spec),
             tune_config=tune.TuneConfig(num_samples=spec.num_samples, metric="mean_r1", mode="max",
-                                        scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials),
+                                        scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials,
+                                        # A trial's actor imports torch and the simulator (about 7 s
+                                        # of each smoke trial here); the next trial of the same
+                                        # resources runs in it instead.
+                                        reuse_actors=True),
             run_config=tune.RunConfig(storage_path=str(out), name=TRIALS_DIR, verbose=0,
                                       failure_config=tune.FailureConfig(fail_fast=spec.fail_fast),
                                       callbacks=[TrialLines(spec.num_trials, progress)]))
