@@ -158,8 +158,8 @@ def test_trials_reserve_their_actors_and_do_not_overlap(smoke_sweep):
         assert {k: placement[k] for k in ("bundles", "captures")} == {"bundles": [{"CPU": 1.0}, {"CPU": 1.0}],
                                                                      "captures": True}
         pids.add(placement["pid"])
-    # The second trial ran in the first one's actor (reuse_actors), still in its own folder and
-    # group, with the plain run's results (test_smoke_trials_equal_plain_runs).
+    # The second trial, staged while the first ran, ran in the first one's actor (reuse_actors),
+    # still in its own folder and group, with the plain run's results (test_smoke_trials_equal_plain_runs).
     assert len(pids) == 1
     # two trials of 2 CPUs on a 2-CPU cluster: one after the other, neither failed
     first, second = table.sort_values("trial_start").itertuples()

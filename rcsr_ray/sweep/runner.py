@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,16 +49,23 @@ def _numbers(row: dict, prefix: str = "") -> dict:
 
 
 def trial_folder() -> Path:
-    """The running trial's folder in the sweep folder. Tune's `get_trial_dir()` gives it in a trial's
-    own actor but a scratch working directory in an actor reused from an earlier trial
-    (`reuse_actors`), so it is read from the trial's storage context (a developer API of Ray)."""
+    """The running trial's folder in the sweep folder, read from the trial's storage context (a
+    developer API of Ray). Tune's `get_trial_dir()` is a staging folder that Tune copies there for a
+    trial's own actor, but a working directory it never copies in an actor reused from an earlier
+    trial (`reuse_actors`)."""
     from ray.train._internal.session import get_storage
 
-    return Path(get_storage().trial_fs_path)
+    storage = get_storage()
+    if storage.storage_filesystem.type_name != "local":  # run_sweep's folder is local: plain files
+        raise RuntimeError(f"sweep trials write plain files, but the storage is {storage.storage_filesystem.type_name}")
+    return Path(storage.trial_fs_path)
 
 
 def sweep_trial(config: dict, spec: SweepSpec) -> None:
     """The function trainable: one simulation in the trial's folder, a Tune report per evaluated round."""
+    # A reused actor waits this long for the previous trial's thread to end (it ends at once: its
+    # run shuts its client actors down), else Tune fails the next trial; Ray's default is 2 s.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     ctx = tune.get_context()
     trial_dir = trial_folder()
     trial_dir.mkdir(parents=True, exist_ok=True)
