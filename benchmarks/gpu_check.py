@@ -74,9 +74,10 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int, profile: bool = False) -> dict
             params, _ = strategy.aggregate(r, params, on_cpu)  # both go on from the CPU's state
 
         def describe(actor):
-            return (str(actor.worker.device) if actor.worker else None, [str(g) for g in ray.get_gpu_ids()],
-                    torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
-                    torch.get_num_threads())
+            return {"device": str(actor.worker.device) if actor.worker else None,
+                    "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                    "cuda_mib": torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+                    "threads": torch.get_num_threads()}
 
         def direct(actor, profile=False):
             """Seconds for all the actor's home clients with the last round it ran, called in the actor
@@ -103,10 +104,10 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int, profile: bool = False) -> dict
             print(f"torch profile of actor {slowest}'s clients ({direct_all[slowest]:.3f} s):")
             print(ray.get(gpu.actors[slowest].__ray_call__.remote(direct, True)))
         return {"actors": len(gpu.actors), "clients_per_actor": gpu.per_actor,
-                "actor_devices": sorted({a[0] for a in actors}),
-                "actor_gpu_ids": sorted({g for a in actors for g in a[1]}),
-                "actor_cuda_mib_max": max(a[2] for a in actors),
-                "actor_torch_threads": sorted({a[3] for a in actors}),
+                "actor_devices": sorted({a["device"] for a in actors}),
+                "actor_gpu_ids": sorted({g for a in actors for g in a["gpu_ids"]}),
+                "actor_cuda_mib_max": max(a["cuda_mib"] for a in actors),
+                "actor_torch_threads": sorted({a["threads"] for a in actors}),
                 "client_updates": len(gaps), "shared_updates": gpu.shared_updates, "gpu_backend_start_s": start_s,
                 # the last round: the first moves every shard to the device
                 "cpu_train_s": seconds["cpu"][-1], "gpu_train_s": seconds["gpu"][-1],

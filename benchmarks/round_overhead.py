@@ -12,7 +12,7 @@ A second table splits a Ray round's CPU between the client actors, the driver, R
 (raylet, GCS, dashboard agent, log monitor, idle workers) and idle cores. The last line is one JSON
 object.
 
-Ray with one client per actor needs one process per client (about 0.44 GB of private memory each
+Ray with one client per actor needs one process per client (about 0.37 GB of private memory each
 after training, measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
 federation of the same clients (`--actor-clients`, the peer workload's 290 images per client,
 half of them per round), against the local backend on that same federation (`small_*` keys).

@@ -34,8 +34,7 @@ class _AdamState:
 
     def _moments(self, i: int, p: torch.Tensor) -> dict[str, torch.Tensor]:
         if i not in self.state:
-            step = torch.zeros((), dtype=self._step_dtype(), device=p.device) if self.fused else \
-                torch.tensor(0.0, dtype=self._step_dtype())
+            step = torch.zeros((), dtype=self._step_dtype(), device=p.device if self.fused else "cpu")
             self.state[i] = {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
         return self.state[i]
