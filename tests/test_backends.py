@@ -122,32 +122,45 @@ def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
     assert SharedRows.create(3, 5, directory=str(tmp_path / "missing")) is None
 
 
-def test_update_writes_its_delta_where_asked(small_config):
-    """A delta written straight into a given row (as into a backend's shared matrix) is the same,
-    bit for bit, as one made fresh; a row of the wrong shape is left alone."""
+def test_update_writes_its_delta_and_prototypes_where_asked(small_config):
+    """A delta and prototypes written straight into a given row (as into a backend's shared matrix)
+    are the same, bit for bit, as ones made fresh, for a training client and for one that sits the
+    round out; a row of another size is left alone."""
     from rcsr_ray.data.federation import build_federation
-    from rcsr_ray.fl.client import ClientWorker
+    from rcsr_ray.fl.client import ClientWorker, RowLayout
     from rcsr_ray.fl.strategy import make_strategy
     from rcsr_ray.models.adapters import initial_params
 
-    cfg = small_config(**{"fed.method": "rcsr"})
+    cfg = small_config(**{"fed.method": "rcsr", "partition.missing_rate": 0.5})
     fed = build_federation(cfg)
     strategy = make_strategy(cfg, 6, fed.partition.num_clusters, fed.store.dim)
     params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.01, cfg.seed)
     state, settings = strategy.broadcast(1, params), strategy.client_settings(1)
+    layout = RowLayout.of(params.numel(), settings, fed.store.dim)
+    assert layout.width == params.numel() + 2 * fed.partition.num_clusters * (fed.store.dim + 1)
     worker = ClientWorker(fed, cfg.model.adapter.bottleneck)
-    client = next(c for c in range(6) if worker.update(c, state, settings, cfg.seed, 1).delta is not None)
-    fresh = worker.update(client, state, settings, cfg.seed, 1)
-    matrix = np.full((2, params.numel()), np.nan, np.float32)
-    row = torch.from_numpy(matrix[1])
-    written = worker.update(client, state, settings, cfg.seed, 1, out=row)
-    assert written.delta.data_ptr() == row.data_ptr() and torch.equal(written.delta, fresh.delta)
-    assert torch.equal(torch.from_numpy(matrix[1]), fresh.delta) and np.isnan(matrix[0]).all()
-    assert torch.equal(written.geometry, fresh.geometry)  # computed from the delta in place
-    wrong = torch.zeros(params.numel() - 1)
+    fresh = {c: worker.update(c, state, settings, cfg.seed, 1) for c in range(6)}
+    assert {u.delta is None for u in fresh.values()} == {True, False}  # some train, some sit out
+    for client, made in fresh.items():
+        matrix = np.full((2, layout.width), np.nan, np.float32)
+        row = torch.from_numpy(matrix[1])
+        written = worker.update(client, state, settings, cfg.seed, 1, out=row)
+        if made.delta is None:
+            assert written.delta is None and np.isnan(matrix[1, :layout.params]).all()
+        else:
+            assert written.delta.data_ptr() == row.data_ptr() and torch.equal(written.delta, made.delta)
+            assert torch.equal(written.geometry, made.geometry)  # computed from the delta in place
+        assert written.prototypes.keys() == made.prototypes.keys() and len(made.prototypes) in (2, 4)
+        views = layout.prototypes(row[layout.params:])
+        for name, value in made.prototypes.items():
+            assert written.prototypes[name].data_ptr() == views[name].data_ptr()
+            assert torch.equal(written.prototypes[name], value) and torch.equal(views[name], value)
+        assert np.isnan(matrix[0]).all()
+    client = next(c for c, u in fresh.items() if u.delta is not None)
+    wrong = torch.zeros(layout.width - 1)
     other = worker.update(client, state, settings, cfg.seed, 1, out=wrong)
-    assert other.delta.data_ptr() != wrong.data_ptr() and torch.equal(other.delta, fresh.delta)
-    assert not wrong.any()
+    assert torch.equal(other.delta, fresh[client].delta) and not wrong.any()
+    assert all(torch.equal(t, fresh[client].prototypes[k]) for k, t in other.prototypes.items())
 
 
 @pytest.mark.parametrize("shared", [
@@ -190,6 +203,8 @@ def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_se
             params[name] = p
         assert backends["ray"].guest_updates > 0
         assert trained > 0 and backends["ray"].shared_updates == (trained if shared else 0)
+        # RCSR's prototypes came through the matrix too, from every client (trained or not).
+        assert backends["ray"].shared_prototypes == (6 * cfg.fed.rounds if shared else 0)
         # On the driver's machine the round rides in each actor's first chunk, params in shared memory.
         assert backends["ray"].rounds_put == (0 if shared else cfg.fed.rounds)
     finally:

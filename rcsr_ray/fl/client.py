@@ -7,6 +7,7 @@ state (checkpointed), is on the CPU, so the server and checkpoints never see the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -95,6 +96,42 @@ class ClientUpdate(_PicklesTensorsAsArrays):
     geometry: torch.Tensor | None = None  # update norm, image share of it, norm/sqrt(n) (RCSR)
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """Where an update's tensors sit in one flat float32 row of a backend's shared memory: the delta
+    (`params` entries), then, when the settings report prototypes, each modality's per-slot sums
+    and counts. Through such a row an actor hands back RCSR's prototypes (about 200 KB a client
+    with 50 clusters) without the object store, as it does the delta."""
+
+    params: int
+    slots: int = 0  # prototype slots; 0: no prototypes
+    dim: int = 0
+
+    @classmethod
+    def of(cls, params: int, settings: ClientSettings, dim: int) -> "RowLayout":
+        return cls(params, settings.num_clusters, dim) if settings.report_prototypes else cls(params)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The prototype tensors, in row order (as `ClientWorker._prototypes` names them)."""
+        if not self.slots:
+            return {}
+        s, d = self.slots, self.dim
+        return {"image_sum": (s, d), "image_count": (s,), "text_sum": (s, d), "text_count": (s,)}
+
+    @property
+    def width(self) -> int:
+        return self.params + sum(math.prod(shape) for shape in self.shapes.values())
+
+    def prototypes(self, tail: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of the prototype part of a row (`tail`: the row after the delta), by name."""
+        views, offset = {}, 0
+        for name, shape in self.shapes.items():
+            views[name] = tail[offset:offset + math.prod(shape)].view(shape)
+            offset += math.prod(shape)
+        return views
+
+
 def client_seed(seed: int, round_idx: int, client: int) -> int:
     """Each client's randomness depends only on (seed, round, client id), never on scheduling."""
     return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1, np.uint64)[0] >> 1)
@@ -155,8 +192,20 @@ class ClientWorker:
 
     def update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
                round_idx: int, out: torch.Tensor | None = None) -> ClientUpdate:
-        """The client's update. `out`, a CPU float32 tensor shaped like the params (a row of a
-        backend's shared memory), receives the delta, which is then the update's delta: no copy."""
+        """The client's update. `out`, a CPU float32 row laid out by `RowLayout.of(params, settings,
+        dim)` (a row of a backend's shared memory), receives the delta and any prototypes, which are
+        then the update's own (views of `out`); a row of another size is left alone."""
+        layout = RowLayout.of(state.params.numel(), settings, self.model.dim)
+        fits = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" \
+            and out.shape == (layout.width,)
+        row = (out[:layout.params], layout.prototypes(out[layout.params:])) if fits else None
+        update = self._update(client, state, settings, seed, round_idx, row and row[0])
+        if row and update.prototypes:
+            update.prototypes = {k: row[1][k].copy_(v) for k, v in update.prototypes.items()}
+        return update
+
+    def _update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
+                round_idx: int, out: torch.Tensor | None) -> ClientUpdate:
         shard = self.shard(client)
         own = self.state[client]
         has_img, has_txt = shard.has_image, shard.has_text
@@ -183,8 +232,7 @@ class ClientWorker:
             # live on another device; else the delta is read straight from the model's buffer.
             new = trained.to("cpu", copy=True) if settings.mode == "local" or trained.device.type != "cpu" \
                 else trained
-            fits = out is not None and out.shape == new.shape and out.dtype == new.dtype
-            delta = torch.sub(new, start, out=out) if fits else new - start
+            delta = torch.sub(new, start, out=out) if out is not None else new - start
             update = ClientUpdate(client, shard.modality, shard.num_images, delta, loss, steps)
             personal = settings.personal and shard.modality == PAIRED  # unpaired: no contrastive signal
             if personal or settings.report_prototypes:

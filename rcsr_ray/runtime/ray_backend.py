@@ -10,9 +10,10 @@ their data for that update and drops it after.
 What crosses Ray per round: the round (global adapters, settings, seed) with each actor's first
 chunk; then per chunk a list of client ids out and the updates back. On the driver's machine the
 driver writes the global adapters into a shared-memory matrix (`shared_rows`), the first chunk
-carries the rest of the round in its task, and each actor writes its clients' deltas into rows of
-that matrix as it computes them and returns only the rest of the updates. Elsewhere the round goes
-through the object store once (`ray.put`) and the deltas come back as results. Each chunk's updates
+carries the rest of the round in its task, and each actor writes its clients' deltas (and RCSR's
+prototypes: `RowLayout`) into rows of that matrix as it computes them and returns only the rest of
+the updates. Elsewhere the round goes through the object store once (`ray.put`) and the updates
+come back whole as results. Each chunk's updates
 are read while the actor runs its next chunk.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import ray
 import torch
 
 from rcsr_ray.config import Config, parse_faults
-from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState, RowLayout
 from rcsr_ray.runtime.connect import ensure_ray
 from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 from rcsr_ray.runtime.schedule import RoundSchedule
@@ -66,7 +67,7 @@ class RoundArgs:
     round_idx: int
     attempt: int
     rows: dict[int, int]  # client -> its row in the shared matrix (row 0 holds the params)
-    shared: tuple | None  # (path, shape, node id) of that matrix; None: deltas come back as results
+    shared: tuple | None  # (path, shape, node id, params' length) of that matrix; None: deltas come back as results
     federation: list | None  # [its object-store ref], for an actor that Ray restarted since; light: None
 
     def light(self) -> "RoundArgs":
@@ -104,9 +105,9 @@ class ClientActor:
         return self.worker
 
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
-        """The updates of `clients`, and which of them left their delta in the shared matrix (their
-        `delta` is None here). `round_args` comes with an actor's first chunk of a call only. NO_ROUND
-        or NO_MATRIX when this actor needs the full round (see those)."""
+        """The updates of `clients`, and which of their tensors they left in the shared matrix, by
+        client (`_leave_in_row`). `round_args` comes with an actor's first chunk of a call only.
+        NO_ROUND or NO_MATRIX when this actor needs the full round (see those)."""
         if round_args is not None:
             self.round = round_args
             shared = round_args.shared
@@ -119,7 +120,7 @@ class ClientActor:
                     self.round = None
                     return NO_ROUND if self.writer.array is not None else NO_MATRIX
                 # A copy: the driver writes the next call's params there.
-                round_args.state.params = torch.from_numpy(np.array(self.writer.array[0]))
+                round_args.state.params = torch.from_numpy(np.array(self.writer.array[0, :shared[3]]))
         r = self.round
         if r is None or r.call != call:
             return NO_ROUND  # restarted by Ray since the call's first chunk
@@ -130,12 +131,10 @@ class ClientActor:
         for c in clients:
             if c not in self.home:
                 self.worker.forget(c)
-        stashed = []
+        stashed = {}
         for u in results if rows else ():
-            in_row = isinstance(u, ClientUpdate) and u.delta is not None
-            if in_row and u.delta.data_ptr() == rows[u.client_id].data_ptr():
-                u.delta = None  # it is in the shared matrix
-                stashed.append(u.client_id)
+            if isinstance(u, ClientUpdate) and (fields := _leave_in_row(u, rows[u.client_id])):
+                stashed[u.client_id] = fields
         return results, stashed
 
     def ping(self, federation: list) -> str:
@@ -156,6 +155,37 @@ class ClientActor:
     def evaluate_local(self, params: torch.Tensor, clients: list[int], federation: list) -> list[dict]:
         worker = self._serve(federation)
         return [worker.evaluate_local(c, params) for c in clients]
+
+
+def _leave_in_row(update: ClientUpdate, row: torch.Tensor) -> tuple[str, ...]:
+    """Which of the update's tensors were written into `row` of the shared matrix (its delta, its
+    prototypes): they are taken off the update, which travels without them, and the driver reads
+    them from the row."""
+    base = row.untyped_storage().data_ptr()
+
+    def in_row(t: torch.Tensor | None) -> bool:
+        return t is not None and t.untyped_storage().data_ptr() == base
+
+    fields = ()
+    if in_row(update.delta):
+        update.delta, fields = None, ("delta",)
+    if update.prototypes and all(in_row(t) for t in update.prototypes.values()):
+        fields += tuple(update.prototypes)
+        update.prototypes = None
+    return fields
+
+
+def _take_from_row(update: ClientUpdate, fields: tuple[str, ...], shared: SharedRows, row: int,
+                   layout: RowLayout) -> None:
+    """Put back into `update` private copies of the tensors its actor left in row `row` of the shared
+    matrix (the row is written again next call). The delta and the prototypes are copied apart: a
+    strategy may keep the delta (RCSR's update history) without the rest of the row."""
+    if "delta" in fields:
+        update.delta = torch.from_numpy(shared.row(row, 0, layout.params))
+    names = [f for f in fields if f != "delta"]
+    if names:
+        protos = layout.prototypes(torch.from_numpy(shared.row(row, layout.params, layout.width)))
+        update.prototypes = {name: protos[name] for name in names}
 
 
 def plan_actors(num_clients: int, cluster_cpus: float, client_cpus: float, clients_per_actor: int | None,
@@ -214,6 +244,7 @@ class RayBackend:
                            max_restarts=rt.max_restarts, max_task_retries=0)
             self.actors.append(ClientActor.options(**options).remote(
                 cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1)))
+        self.dim = federation.store.dim  # the prototypes' width
         self.node = ray.get_runtime_context().get_node_id()
         # Each actor's node: those on the driver's get light rounds (None: never, see NO_MATRIX).
         self.nodes: list[str | None] = ray.get([a.ping.remote(self.federation_arg) for a in self.actors])
@@ -225,6 +256,7 @@ class RayBackend:
         self.shared: SharedRows | None = None  # the delta matrix, grown to the largest round
         self.shared_unavailable = False  # no shared memory here (or no room): not tried again
         self.shared_updates = 0  # client updates whose delta came through the shared matrix
+        self.shared_prototypes = 0  # and those whose prototypes did
         self.resent_chunks = 0  # chunks sent again with the full round to an actor restarted since it got one
         self.rounds_put = 0  # calls whose round went through the object store (some actor off this machine)
 
@@ -237,12 +269,13 @@ class RayBackend:
         self._await_restarts()
         self.calls += 1
         rows = {int(c): i + 1 for i, c in enumerate(clients)}
-        shared = self._shared_matrix(len(rows) + 1, state.params)
+        layout = RowLayout.of(state.params.numel(), settings, self.dim)
+        shared = self._shared_matrix(len(rows) + 1, layout.width, state.params)
         full = RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
-                         shared and (shared.path, shared.shape, self.node), self.federation_arg)
+                         shared and (shared.path, shared.shape, self.node, layout.params), self.federation_arg)
         light = None
         if shared:
-            shared.array[0] = state.params.numpy()
+            shared.array[0, :layout.params] = state.params.numpy()
             light = full.light()
             protos = state.prototypes or {}
             if sum(t.numel() * t.element_size() for t in protos.values()) > INLINE_BYTES:
@@ -340,8 +373,9 @@ class RayBackend:
             fill(actor)  # before reading the results: the actor works meanwhile
             for u in part:
                 if u.client_id in stashed:
-                    u.delta = torch.from_numpy(shared.row(rows[u.client_id]))
-            self.shared_updates += len(stashed)
+                    _take_from_row(u, stashed[u.client_id], shared, rows[u.client_id], layout)
+                    self.shared_updates += "delta" in stashed[u.client_id]
+                    self.shared_prototypes += u.prototypes is not None
             results.extend(part)
         for actor, cs in pending.values():
             log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
@@ -354,16 +388,16 @@ class RayBackend:
         updates, failed = split_results(results)
         return sorted(updates, key=lambda u: u.client_id), sorted(failed)
 
-    def _shared_matrix(self, num_rows: int, params: torch.Tensor) -> SharedRows | None:
-        """The shared delta matrix, with at least `num_rows` rows (None where shared memory is not
-        available). A timed-out actor is killed and waited for before the next call, so no chunk of
-        an earlier call can still be writing into the rows being read."""
+    def _shared_matrix(self, num_rows: int, width: int, params: torch.Tensor) -> SharedRows | None:
+        """The shared matrix, with at least `num_rows` rows of `width` (None where shared memory is
+        not available). A timed-out actor is killed and waited for before the next call, so no chunk
+        of an earlier call can still be writing into the rows being read."""
         if params.dtype != torch.float32 or self.shared_unavailable:
             return None
-        if self.shared is None or self.shared.shape[0] < num_rows or self.shared.shape[1] != params.numel():
+        if self.shared is None or self.shared.shape[0] < num_rows or self.shared.shape[1] != width:
             if self.shared is not None:
                 self.shared.close()
-            self.shared = SharedRows.create(num_rows, params.numel())
+            self.shared = SharedRows.create(num_rows, width)
             if self.shared is None:
                 self.shared_unavailable = True
                 log.warning("no room for %d client deltas in %s: for this run they come back through the "

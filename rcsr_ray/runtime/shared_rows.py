@@ -51,9 +51,9 @@ class SharedRows:
         except OSError:
             return None
 
-    def row(self, i: int) -> np.ndarray:
-        """A private copy of row i: the row itself is written again next round."""
-        return np.array(self.array[i])
+    def row(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A private copy of row i (its columns start:stop): the row itself is written again next round."""
+        return np.array(self.array[i, start:stop])
 
     def close(self) -> None:
         self.array = None
