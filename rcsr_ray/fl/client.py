@@ -195,13 +195,13 @@ class ClientWorker:
         """The client's update. `out`, a CPU float32 row laid out by `RowLayout.of(params, settings,
         dim)` (a row of a backend's shared memory), receives the delta and any prototypes, which are
         then the update's own (views of `out`); a row of another size is left alone."""
-        layout = RowLayout.of(state.params.numel(), settings, self.model.dim)
-        fits = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" \
-            and out.shape == (layout.width,)
-        row = (out[:layout.params], layout.prototypes(out[layout.params:])) if fits else None
-        update = self._update(client, state, settings, seed, round_idx, row and row[0])
-        if row and update.prototypes:
-            update.prototypes = {k: row[1][k].copy_(v) for k, v in update.prototypes.items()}
+        layout = RowLayout.of(state.params.numel(), settings, self.model.dim) if out is not None else None
+        if layout is None or out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (layout.width,):
+            return self._update(client, state, settings, seed, round_idx, None)
+        update = self._update(client, state, settings, seed, round_idx, out[:layout.params])
+        if update.prototypes:
+            views = layout.prototypes(out[layout.params:])
+            update.prototypes = {k: views[k].copy_(v) for k, v in update.prototypes.items()}
         return update
 
     def _update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
