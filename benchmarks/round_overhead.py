@@ -9,8 +9,11 @@
 Times cover what a round costs the simulator (broadcast, client updates, collection, aggregation),
 not evaluation. Median over rounds after warm-up; the local and Ray runs alternate round by round.
 A second table splits a Ray round's CPU between the client actors, the driver, Ray's other processes
-(raylet, GCS, dashboard agent, log monitor, idle workers) and idle cores. The last line is one JSON
-object.
+(raylet, GCS, dashboard agent, log monitor, idle workers) and idle cores, and sets the CPU the
+client updates took on the actors against what the same updates took on the local backend: on a
+machine whose cores slow each other down when both are busy, that alone keeps Ray from half the
+local time (`floor`: the ratio if the actors' updates were all a Ray round cost, spread over the
+cores). The last line is one JSON object.
 
 Ray with one client per actor needs one process per client (about 0.37 GB of private memory each
 after training, measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
@@ -128,6 +131,10 @@ def available_gb() -> float:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+def _update_cpu_s(actor) -> float:
+    return actor.worker.update_cpu_s if actor.worker is not None else 0.0
+
+
 class Run:
     """One backend's simulation, advanced a round at a time."""
 
@@ -147,10 +154,17 @@ class Run:
         self.params, _ = self.strategy.aggregate(r, self.params, updates)
         self.times.append(time.perf_counter() - t)
 
+    def update_cpu_s(self) -> float:
+        """CPU seconds its workers have spent in client updates so far (`ClientWorker.update_cpu_s`)."""
+        if self.backend.name == "local":
+            return self.backend.worker.update_cpu_s
+        return sum(ray.get([a.__ray_call__.remote(_update_cpu_s) for a in self.backend.actors]))
+
 
 def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int) -> tuple:
     """Median s/round of the local backend and of Ray, whether they ended identical, the largest
-    private memory of one of Ray's actors (GB), and the mean CPU split of a Ray round (ms).
+    private memory of one of Ray's actors (GB), the mean CPU split of a Ray round (ms), and the mean
+    CPU seconds a round's client updates took on the local backend and on Ray's actors.
 
     The two runs alternate round by round, so that both see the same stretches of this VM's speed,
     which drifts by up to 1.5x over a minute."""
@@ -158,14 +172,21 @@ def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int
     try:
         pids = ray.get([a.__ray_call__.remote(lambda actor: os.getpid()) for a in on_ray.backend.actors])
         split = CpuSplit(pids)
+        updates = {local: [], on_ray: []}  # CPU seconds in client updates, per round
+
+        def measured(run: Run, play) -> None:
+            before = run.update_cpu_s()
+            play()
+            updates[run].append(run.update_cpu_s() - before)
         for r in range(1, rounds + 1):
-            local.round(r)
-            split.measure(on_ray, r)
+            measured(local, lambda: local.round(r))
+            measured(on_ray, lambda: split.measure(on_ray, r))
         actor_gb = max(private_gb(pid) for pid in pids)
     finally:
         on_ray.backend.shutdown()
     return (statistics.median(local.times[warmup:]), statistics.median(on_ray.times[warmup:]),
-            torch.equal(local.params, on_ray.params), actor_gb, split.mean(warmup))
+            torch.equal(local.params, on_ray.params), actor_gb, split.mean(warmup),
+            statistics.mean(updates[local][warmup:]), statistics.mean(updates[on_ray][warmup:]))
 
 
 def main() -> None:
@@ -178,7 +199,9 @@ def main() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
     cpus = ray.cluster_resources()["CPU"]
     free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
-    res = {}  # label -> (local s/round, ray s/round, identical, largest actor's private GB, CPU split)
+    # label -> (local s/round, ray s/round, identical, largest actor's private GB, CPU split,
+    #          update CPU s/round on the local backend, and on Ray's actors)
+    res = {}
 
     def measure(label: str, local_keys: dict, ray_keys: dict) -> tuple:
         res[label] = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
@@ -187,7 +210,7 @@ def main() -> None:
     pl, pp, *_ = measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
     rl, rp, *_ = measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
     small = args.actor_clients
-    sl, sa, _, actor_gb, _ = measure(f"peer {small} clients, one per actor", with_clients(PEER, small),
+    sl, sa, _, actor_gb, *_ = measure(f"peer {small} clients, one per actor", with_clients(PEER, small),
                                   one_per_actor(PEER, small, cpus))
     # One actor per client of (a), only where the machine holds them.
     clients = PEER["partition.num_clients"]
@@ -203,10 +226,16 @@ def main() -> None:
         print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ray_s / local_s:>8.2f}{str(same):>11}")
     if skipped:
         print(f"peer, one per actor: not measured, {skipped}")
-    print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {CpuSplit.CORES} cores x the round's wall time):")
-    print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS))
-    for label, (*_, split) in res.items():
-        print(f"{label:<36}" + "".join(f"{split[part]:>11.0f}" for part in CpuSplit.PARTS))
+    # The same client updates' CPU on Ray's actors over the local backend's, and the ratio a Ray round
+    # would have if those updates were all it cost, spread over the cores.
+    slowdown = {label: r[6] / r[5] for label, r in res.items()}
+    floor = {label: r[6] / CpuSplit.CORES / r[0] for label, r in res.items()}
+    print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {CpuSplit.CORES} cores x the round's wall time),")
+    print("and the actors' client updates against the same updates on the local backend (CPU):")
+    print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS) + f"{'updates':>11}{'floor':>8}")
+    for label, r in res.items():
+        print(f"{label:<36}" + "".join(f"{r[4][part]:>11.0f}" for part in CpuSplit.PARTS)
+              + f"{slowdown[label]:>10.2f}x{floor[label]:>8.2f}")
     print(json.dumps({
         "local_s": round(pl, 4), "ray_actor_s": actor and round(actor[1], 4), "ray_packed_s": round(pp, 4),
         "ratio_actor": actor and round(actor[1] / actor[0], 3), "ratio_packed": round(pp / pl, 3),
@@ -214,7 +243,9 @@ def main() -> None:
         "rcsr_ratio_packed": round(rp / rl, 3), "ray_actor_skipped": skipped, "small_clients": small,
         "small_local_s": round(sl, 4), "small_ray_actor_s": round(sa, 4), "small_ratio_actor": round(sa / sl, 3),
         "actor_private_gb": round(actor_gb, 3),
-        "ray_cpu_ms": {label: {part: round(ms, 1) for part, ms in r[4].items()} for label, r in res.items()}}))
+        "ray_cpu_ms": {label: {part: round(ms, 1) for part, ms in r[4].items()} for label, r in res.items()},
+        "update_cpu_ratio": {label: round(x, 3) for label, x in slowdown.items()},
+        "ratio_floor": {label: round(x, 3) for label, x in floor.items()}}))
 
 
 if __name__ == "__main__":

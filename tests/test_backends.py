@@ -163,6 +163,33 @@ def test_update_writes_its_delta_and_prototypes_where_asked(small_config):
     assert all(torch.equal(t, fresh[client].prototypes[k]) for k, t in other.prototypes.items())
 
 
+def test_worker_counts_the_cpu_its_updates_take(small_config):
+    """`update_cpu_s` adds up the CPU time of the worker's updates (what round_overhead.py sets the
+    actors' updates against the local backend's with), and nothing spent between them."""
+    import time
+
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.client import ClientSettings, ClientWorker, GlobalState
+    from rcsr_ray.models.adapters import initial_params
+
+    cfg = small_config()
+    fed = build_federation(cfg)
+    worker = ClientWorker(fed, cfg.model.adapter.bottleneck)
+    state = GlobalState(initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.01, cfg.seed))
+    settings = ClientSettings.from_config(cfg)
+    assert worker.update_cpu_s == 0.0
+    started = time.thread_time()
+    for c in range(6):
+        worker.update(c, state, settings, cfg.seed, 1)
+    assert 0.0 < worker.update_cpu_s <= time.thread_time() - started
+    counted, busy = worker.update_cpu_s, time.thread_time()
+    while time.thread_time() - busy < 0.05:  # CPU spent outside any update
+        pass
+    assert worker.update_cpu_s == counted
+    worker.update(0, state, settings, cfg.seed, 2)
+    assert worker.update_cpu_s > counted
+
+
 @pytest.mark.parametrize("shared", [
     pytest.param(True, id="shared-memory", marks=pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")),
     pytest.param(False, id="object-store")])

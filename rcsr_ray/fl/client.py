@@ -8,6 +8,7 @@ state (checkpointed), is on the CPU, so the server and checkpoints never see the
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,6 +21,7 @@ from rcsr_ray.data.federation import ClientShard
 from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.eval.retrieval import evaluate
 from rcsr_ray.models.adapters import AdapterPair, adapter_model, apply_adapters, flat_views, initial_params
+
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,9 @@ class ClientWorker:
         self.inputs: dict[int, tuple] = {}  # per client: (shard, its tensors on the device)
         self.state: dict[int, dict] = {}  # per client, never sent to the server; CPU tensors
         self.test_shards: dict[int, ClientShard] = {}
+        # CPU seconds this worker's thread spent in client updates: set against a round's time, it
+        # tells how much slower the same updates run on busy cores (benchmarks/round_overhead.py).
+        self.update_cpu_s = 0.0
 
     # Scratch models whose weights are swapped in per client, built on first use (only the methods
     # that need them do): personal adapters (on top of the shared ones' output), MOON's references.
@@ -195,14 +200,18 @@ class ClientWorker:
         """The client's update. `out`, a CPU float32 row laid out by `RowLayout.of(params, settings,
         dim)` (a row of a backend's shared memory), receives the delta and any prototypes, which are
         then the update's own (views of `out`); a row of another size is left alone."""
-        layout = RowLayout.of(state.params.numel(), settings, self.model.dim) if out is not None else None
-        if layout is None or out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (layout.width,):
-            return self._update(client, state, settings, seed, round_idx, None)
-        update = self._update(client, state, settings, seed, round_idx, out[:layout.params])
-        if update.prototypes:
-            views = layout.prototypes(out[layout.params:])
-            update.prototypes = {k: views[k].copy_(v) for k, v in update.prototypes.items()}
-        return update
+        started = time.thread_time()
+        try:
+            layout = RowLayout.of(state.params.numel(), settings, self.model.dim) if out is not None else None
+            if layout is None or out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (layout.width,):
+                return self._update(client, state, settings, seed, round_idx, None)
+            update = self._update(client, state, settings, seed, round_idx, out[:layout.params])
+            if update.prototypes:
+                views = layout.prototypes(out[layout.params:])
+                update.prototypes = {k: views[k].copy_(v) for k, v in update.prototypes.items()}
+            return update
+        finally:
+            self.update_cpu_s += time.thread_time() - started
 
     def _update(self, client: int, state: GlobalState, settings: ClientSettings, seed: int,
                 round_idx: int, out: torch.Tensor | None) -> ClientUpdate:
