@@ -15,13 +15,16 @@ machine whose cores slow each other down when both are busy, that alone keeps Ra
 local time (`floor`: the ratio if the actors' updates were all a Ray round cost, spread over the
 cores). The last line is one JSON object.
 
+With --repeats N the whole measurement runs N times and the tables and JSON give medians over the
+runs (a ratio's median is the median of the runs' ratios), plus each run's ratios under "runs".
+
 Ray with one client per actor needs one process per client (about 0.37 GB of private memory each
 after training, measured here): it is timed on (a) when the machine holds 100 actors, and always on a smaller
 federation of the same clients (`--actor-clients`, the peer workload's 290 images per client,
 half of them per round), against the local backend on that same federation (`small_*` keys).
 Where (a) does not fit, `ray_actor_s` is null and `ray_actor_skipped` says why.
 
-    python benchmarks/round_overhead.py [--rounds 16] [--warmup 3] [--actor-clients 16]
+    python benchmarks/round_overhead.py [--rounds 16] [--warmup 3] [--actor-clients 16] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -189,63 +192,108 @@ def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int
             statistics.mean(updates[local][warmup:]), statistics.mean(updates[on_ray][warmup:]))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--actor-clients", type=int, default=16, help="clients of the one-client-per-actor run")
-    args = ap.parse_args()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    cpus = ray.cluster_resources()["CPU"]
-    free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
-    # label -> (local s/round, ray s/round, identical, largest actor's private GB, CPU split,
-    #          update CPU s/round on the local backend, and on Ray's actors)
+def measure_all(args, cpus: float, free_gb: float) -> tuple[dict, str | None]:
+    """One run of every workload: label -> `seconds_per_round`'s tuple (local s/round, ray s/round,
+    identical, largest actor's private GB, CPU split, update CPU s/round on the local backend and on
+    Ray's actors), and why the one-per-actor run of (a) was skipped (None: it ran)."""
     res = {}
 
     def measure(label: str, local_keys: dict, ray_keys: dict) -> tuple:
         res[label] = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
         return res[label]
 
-    pl, pp, *_ = measure("peer, packed", PEER, {**PEER, "runtime.backend": "ray"})
-    rl, rp, *_ = measure("rcsr, packed", RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
+    measure(PEER_PACKED, PEER, {**PEER, "runtime.backend": "ray"})
+    measure(RCSR_PACKED, RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
     small = args.actor_clients
-    sl, sa, _, actor_gb, *_ = measure(f"peer {small} clients, one per actor", with_clients(PEER, small),
-                                  one_per_actor(PEER, small, cpus))
+    actor_gb = measure(small_label(small), with_clients(PEER, small), one_per_actor(PEER, small, cpus))[3]
     # One actor per client of (a), only where the machine holds them.
     clients = PEER["partition.num_clients"]
     need_gb = clients * actor_gb
-    actor, skipped = None, None
-    if need_gb <= free_gb:
-        actor = measure("peer, one per actor", PEER, one_per_actor(PEER, clients, cpus))
-    else:
-        skipped = f"{clients} actors x {actor_gb:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
+    if need_gb > free_gb:
+        return res, f"{clients} actors x {actor_gb:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
+    measure(PEER_ACTOR, PEER, one_per_actor(PEER, clients, cpus))
+    return res, None
+
+
+PEER_PACKED, RCSR_PACKED, PEER_ACTOR = "peer, packed", "rcsr, packed", "peer, one per actor"
+
+
+def small_label(clients: int) -> str:
+    return f"peer {clients} clients, one per actor"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--actor-clients", type=int, default=16, help="clients of the one-client-per-actor run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="whole runs, one after another; tables and JSON give their medians (a run's ratio "
+                         "moves by 0.1 with this VM's load, more than most changes to the runtime)")
+    args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cpus = ray.cluster_resources()["CPU"]
+    free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
+    runs = []
+    for i in range(args.repeats):
+        runs.append(measure_all(args, cpus, free_gb))
+        if args.repeats > 1:
+            res = runs[-1][0]
+            print(f"run {i + 1}/{args.repeats}: ratio " + ", ".join(
+                f"{label} {r[1] / r[0]:.3f}" for label, r in res.items()), flush=True)
     ray.shutdown()
-    print(f"{'workload':<36}{'local s/round':>14}{'ray':>8}{'ratio':>8}{'identical':>11}")
-    for label, (local_s, ray_s, same, *_) in res.items():
-        print(f"{label:<36}{local_s:>14.3f}{ray_s:>8.3f}{ray_s / local_s:>8.2f}{str(same):>11}")
+    skipped = runs[-1][1]
+    labels = list(runs[-1][0])
+
+    def median(label: str, value) -> float:
+        """The median over the runs that measured `label` of value(that run's tuple)."""
+        return statistics.median(value(res[label]) for res, _ in runs if label in res)
+
+    # Per workload, medians over the runs: local s, ray s, ratio (of each run's ratio), the actors'
+    # update CPU over the local backend's, and the floor (see the module docstring).
+    table = {label: {"local": median(label, lambda r: r[0]), "ray": median(label, lambda r: r[1]),
+                     "ratio": median(label, lambda r: r[1] / r[0]),
+                     "updates": median(label, lambda r: r[6] / r[5]),
+                     "floor": median(label, lambda r: r[6] / CpuSplit.CORES / r[0]),
+                     "cpu": {part: median(label, lambda r: r[4][part]) for part in CpuSplit.PARTS}}
+             for label in labels}
+    identical = all(r[2] for res, _ in runs for r in res.values())
+    # One client's actor (the small one-per-actor run): what 100 such actors would each need.
+    actor_gb = max(res[small_label(args.actor_clients)][3] for res, _ in runs)
+    what = "medians of " + str(args.repeats) + " runs" if args.repeats > 1 else "one run"
+    print(f"\n{'workload (' + what + ')':<36}{'local s/round':>14}{'ray':>8}{'ratio':>8}{'identical':>11}")
+    for label, t in table.items():
+        print(f"{label:<36}{t['local']:>14.3f}{t['ray']:>8.3f}{t['ratio']:>8.2f}{str(identical):>11}")
     if skipped:
-        print(f"peer, one per actor: not measured, {skipped}")
+        print(f"{PEER_ACTOR}: not measured, {skipped}")
     # The same client updates' CPU on Ray's actors over the local backend's, and the ratio a Ray round
     # would have if those updates were all it cost, spread over the cores.
-    slowdown = {label: r[6] / r[5] for label, r in res.items()}
-    floor = {label: r[6] / CpuSplit.CORES / r[0] for label, r in res.items()}
     print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {CpuSplit.CORES} cores x the round's wall time),")
     print("and the actors' client updates against the same updates on the local backend (CPU):")
     print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS) + f"{'updates':>11}{'floor':>8}")
-    for label, r in res.items():
-        print(f"{label:<36}" + "".join(f"{r[4][part]:>11.0f}" for part in CpuSplit.PARTS)
-              + f"{slowdown[label]:>10.2f}x{floor[label]:>8.2f}")
-    print(json.dumps({
-        "local_s": round(pl, 4), "ray_actor_s": actor and round(actor[1], 4), "ray_packed_s": round(pp, 4),
-        "ratio_actor": actor and round(actor[1] / actor[0], 3), "ratio_packed": round(pp / pl, 3),
-        "identical": all(r[2] for r in res.values()), "rcsr_local_s": round(rl, 4), "rcsr_ray_packed_s": round(rp, 4),
-        "rcsr_ratio_packed": round(rp / rl, 3), "ray_actor_skipped": skipped, "small_clients": small,
-        "small_local_s": round(sl, 4), "small_ray_actor_s": round(sa, 4), "small_ratio_actor": round(sa / sl, 3),
+    for label, t in table.items():
+        print(f"{label:<36}" + "".join(f"{t['cpu'][part]:>11.0f}" for part in CpuSplit.PARTS)
+              + f"{t['updates']:>10.2f}x{t['floor']:>8.2f}")
+    peer, rcsr, small = table[PEER_PACKED], table[RCSR_PACKED], table[small_label(args.actor_clients)]
+    actor = table.get(PEER_ACTOR)
+    out = {
+        "local_s": round(peer["local"], 4), "ray_actor_s": actor and round(actor["ray"], 4),
+        "ray_packed_s": round(peer["ray"], 4), "ratio_actor": actor and round(actor["ratio"], 3),
+        "ratio_packed": round(peer["ratio"], 3), "identical": identical, "rcsr_local_s": round(rcsr["local"], 4),
+        "rcsr_ray_packed_s": round(rcsr["ray"], 4), "rcsr_ratio_packed": round(rcsr["ratio"], 3),
+        "ray_actor_skipped": skipped, "small_clients": args.actor_clients, "small_local_s": round(small["local"], 4),
+        "small_ray_actor_s": round(small["ray"], 4), "small_ratio_actor": round(small["ratio"], 3),
         "actor_private_gb": round(actor_gb, 3),
-        "ray_cpu_ms": {label: {part: round(ms, 1) for part, ms in r[4].items()} for label, r in res.items()},
-        "update_cpu_ratio": {label: round(x, 3) for label, x in slowdown.items()},
-        "ratio_floor": {label: round(x, 3) for label, x in floor.items()}}))
+        "ray_cpu_ms": {label: {part: round(ms, 1) for part, ms in t["cpu"].items()} for label, t in table.items()},
+        "update_cpu_ratio": {label: round(t["updates"], 3) for label, t in table.items()},
+        "ratio_floor": {label: round(t["floor"], 3) for label, t in table.items()},
+        "repeats": args.repeats}
+    if args.repeats > 1:
+        out["runs"] = [{label: round(r[1] / r[0], 3) for label, r in res.items()} for res, _ in runs]
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
