@@ -192,34 +192,33 @@ def seconds_per_round(local_keys: dict, ray_keys: dict, rounds: int, warmup: int
             statistics.mean(updates[local][warmup:]), statistics.mean(updates[on_ray][warmup:]))
 
 
+PEER_PACKED, RCSR_PACKED, PEER_ACTOR = "peer, packed", "rcsr, packed", "peer, one per actor"
+
+
+def small_label(clients: int) -> str:
+    return f"peer {clients} clients, one per actor"
+
+
 def measure_all(args, cpus: float, free_gb: float) -> tuple[dict, str | None]:
     """One run of every workload: label -> `seconds_per_round`'s tuple (local s/round, ray s/round,
     identical, largest actor's private GB, CPU split, update CPU s/round on the local backend and on
     Ray's actors), and why the one-per-actor run of (a) was skipped (None: it ran)."""
     res = {}
 
-    def measure(label: str, local_keys: dict, ray_keys: dict) -> tuple:
+    def measure(label: str, local_keys: dict, ray_keys: dict) -> None:
         res[label] = seconds_per_round(local_keys, ray_keys, args.rounds, args.warmup)
-        return res[label]
 
     measure(PEER_PACKED, PEER, {**PEER, "runtime.backend": "ray"})
     measure(RCSR_PACKED, RCSR_S4, {**RCSR_S4, "runtime.backend": "ray"})
-    small = args.actor_clients
-    actor_gb = measure(small_label(small), with_clients(PEER, small), one_per_actor(PEER, small, cpus))[3]
+    small = small_label(args.actor_clients)
+    measure(small, with_clients(PEER, args.actor_clients), one_per_actor(PEER, args.actor_clients, cpus))
     # One actor per client of (a), only where the machine holds them.
-    clients = PEER["partition.num_clients"]
+    clients, actor_gb = PEER["partition.num_clients"], res[small][3]
     need_gb = clients * actor_gb
     if need_gb > free_gb:
         return res, f"{clients} actors x {actor_gb:.2f} GB = {need_gb:.0f} GB > {free_gb:.0f} GB available"
     measure(PEER_ACTOR, PEER, one_per_actor(PEER, clients, cpus))
     return res, None
-
-
-PEER_PACKED, RCSR_PACKED, PEER_ACTOR = "peer, packed", "rcsr, packed", "peer, one per actor"
-
-
-def small_label(clients: int) -> str:
-    return f"peer {clients} clients, one per actor"
 
 
 def main() -> None:
