@@ -98,6 +98,22 @@ def test_round_schedule_hands_out_home_first_then_takes_over():
     assert s.next_chunk(1) == [] and s.remaining() == []
 
 
+def test_round_schedule_drains_its_tail_and_takes_it_back():
+    from rcsr_ray.runtime.schedule import RoundSchedule
+
+    work = np.array([4, 1, 2, 8, 0, 3])
+    s = RoundSchedule({0: [0, 1, 2, 3], 1: [5]}, work, 2, steal=True)
+    assert s.next_chunk(0) == [3] and s.queued() == 4
+    assert s.drain() == [0, 5, 2, 1]  # all not handed out, largest first (for a tail pool)
+    assert s.queued() == 0 and s.next_chunk(1) == [] and s.remaining() == []
+    s.handed(1, [])  # an empty chunk, sent so that worker 1 claims from the pool
+    assert s.chunks_held[1] == 1
+    s.done(1, [])
+    assert s.chunks_held[1] == 0
+    s.put_back(0, [1, 2])  # nobody claimed them: back in worker 0's queue, largest first
+    assert s.queued() == 2 and s.next_chunk(1) == [1] and s.next_chunk(1) == [2] and s.remaining() == []
+
+
 def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
     from rcsr_ray.runtime.shared_rows import PREFIX, RowWriter, SharedRows
 
@@ -120,6 +136,41 @@ def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
     shared.close()
     assert not os.path.exists(shared.path)
     assert SharedRows.create(3, 5, directory=str(tmp_path / "missing")) is None
+
+
+def test_tail_pool_hands_the_last_clients_to_whoever_is_free(tmp_path):
+    from rcsr_ray.runtime.shared_rows import TailPool
+
+    driver = TailPool(2, 6, directory=str(tmp_path))
+    actor0, actor1 = (TailPool(2, 6, path=driver.path) for _ in range(2))  # as two actors open it
+    driver.start(7)
+    driver.sent_task(0)
+    driver.sent_task(1)
+    assert actor0.claim(7, 0, 1) is None and driver.left() == 0  # nothing in the pool yet
+    driver.fill([10, 11, 12, 13], [0, 0, 1, 0])  # largest first, with their home actors
+    assert driver.left() == 4
+    assert actor0.claim(6, 0, 1) is None  # another call's pool
+    driver.sent_task(0)
+    assert actor0.claim(7, 0, 1) is None  # a second task is queued on actor 0: it runs that first
+    assert actor0.claim(7, 0, 2) == 10  # its own, largest first
+    assert actor1.claim(7, 1, 1) == 12  # its own
+    assert actor1.claim(7, 1, 1) == 13  # then the smallest of the others'
+    assert driver.claimed_by(1) == [12, 13] and driver.claimed_by(0) == [10] and driver.left() == 1
+    driver.close(1)
+    assert actor1.claim(7, 1, 1) is None  # failed: it claims nothing more this call
+    assert driver.take_back() == [11] and driver.left() == 0
+    assert actor0.claim(7, 0, 2) is None  # taken back: nobody can claim it
+    # A new call starts empty, and a closed pool gives nothing to anyone.
+    driver.start(8)
+    driver.sent_task(1)
+    driver.fill([20], [0])
+    driver.close()
+    assert actor1.claim(8, 1, 1) is None and driver.take_back() == [20]
+    for pool in (actor0, actor1):
+        pool.release()
+    path = driver.path
+    driver.release()
+    assert not os.path.exists(path)
 
 
 def test_update_writes_its_delta_and_prototypes_where_asked(small_config):
@@ -229,6 +280,8 @@ def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_se
                 p, _ = strategy.aggregate(r, p, updates)
             params[name] = p
         assert backends["ray"].guest_updates > 0
+        # The rounds' last clients went to whichever actor was free, where actors can claim them.
+        assert (backends["ray"].pool_updates > 0) == shared
         assert trained > 0 and backends["ray"].shared_updates == (trained if shared else 0)
         # RCSR's prototypes came through the matrix too, from every client (trained or not).
         assert backends["ray"].shared_prototypes == (6 * cfg.fed.rounds if shared else 0)

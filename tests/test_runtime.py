@@ -110,6 +110,28 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         assert failed == [] and len(updates) == 6
 
 
+def _cannot_claim(actor) -> None:
+    """A ClientActor that never opens the tail pool (as one whose /dev/shm is another than the driver's)."""
+    actor.pool = None
+    actor._open_pool = lambda spec: None
+
+
+def test_round_tail_goes_to_whoever_is_free_or_out_as_chunks(small_config, ray_session):
+    """The round's last clients are claimed from the tail pool by the actors; where no actor can
+    claim them, they go out as chunks once nothing is pending, and the round still completes."""
+    import ray
+
+    with _ray_backend(small_config) as (backend, state, settings, seed):
+        updates, failed = backend.train(state, range(6), settings, seed, 1)
+        assert failed == [] and [u.client_id for u in updates] == list(range(6))
+        assert 0 < backend.pool_updates <= 4  # at most 2 per actor were left for the pool
+        claimed = backend.pool_updates
+        ray.get([a.__ray_call__.remote(_cannot_claim) for a in backend.actors])
+        updates, failed = backend.train(state, range(6), settings, seed, 2)
+        assert failed == [] and [u.client_id for u in updates] == list(range(6))
+        assert backend.pool_updates == claimed  # nobody claimed: all ran as chunks
+
+
 def _wait_for(actor, probe, what: str, dead: bool = False, limit_s: float = 60.0) -> None:
     """Poll `actor` with `probe` (run inside it) until it returns true, or, with `dead`, until the
     actor is gone for good; fails the test after `limit_s`."""

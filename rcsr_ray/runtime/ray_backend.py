@@ -15,6 +15,12 @@ prototypes: `RowLayout`) into rows of that matrix as it computes them and return
 the updates. Elsewhere the round goes through the object store once (`ray.put`) and the updates
 come back whole as results. Each chunk's updates
 are read while the actor runs its next chunk.
+
+When updates keep no client state, a round's last clients (`TAIL_PER_ACTOR` per actor) are not
+handed out by the driver but put in a `TailPool` in shared memory, from which actors on the
+driver's machine claim them one at a time whenever they have no chunk queued: whoever is free takes
+the next one at once, without a round trip to the driver. An actor that fails loses what it claimed
+and had not returned, as it loses its running chunk; what nobody claimed goes out as chunks.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, Globa
 from rcsr_ray.runtime.connect import ensure_ray
 from rcsr_ray.runtime.faults import ClientFailure, run_clients, split_results
 from rcsr_ray.runtime.schedule import RoundSchedule
-from rcsr_ray.runtime.shared_rows import SHM_DIR, RowWriter, SharedRows
+from rcsr_ray.runtime.shared_rows import SHM_DIR, RowWriter, SharedRows, TailPool
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,9 @@ log = logging.getLogger(__name__)
 # with the full round.
 NO_ROUND = "no round"  # restarted by Ray since the call's round reached it: no round, or no clients attached
 NO_MATRIX = "no shared matrix"  # got a light round but cannot open the shared matrix here
+# The round's last clients, this many per actor that can claim them (or fewer), go to the tail pool
+# (`TailPool`): about the uneven finish measured with chunks alone (17-28 ms, a client or two).
+TAIL_PER_ACTOR = 2
 # A light round whose prototypes are larger than this is put in the object store once, not sent
 # inline with every actor's first chunk (Ray puts an argument over 100 KB per call by itself).
 INLINE_BYTES = 64 * 1024
@@ -69,6 +78,7 @@ class RoundArgs:
     rows: dict[int, int]  # client -> its row in the shared matrix (row 0 holds the params)
     shared: tuple | None  # (path, shape, node id, params' length) of that matrix; None: deltas come back as results
     federation: list | None  # [its object-store ref], for an actor that Ray restarted since; light: None
+    pool: tuple | None = None  # (path, actors, capacity) of the call's TailPool; None: no pool
 
     def light(self) -> "RoundArgs":
         return replace(self, state=replace(self.state, params=None), federation=None)
@@ -81,13 +91,16 @@ class ClientActor:
     call that needs the clients carries the federation's ref (wrapped in a list so that Ray passes
     it as is), and the actor attaches on its first such call, and again after Ray restarted it."""
 
-    def __init__(self, bottleneck: int, torch_threads: int, faults: str, home: range):
+    def __init__(self, bottleneck: int, torch_threads: int, faults: str, home: range, index: int):
         torch.set_num_threads(torch_threads)
         self.bottleneck, self.torch_threads = bottleneck, torch_threads
         self.faults = parse_faults(faults)
         self.home = home  # the clients whose data and state this actor keeps
+        self.index = index  # its place among the backend's actors (its name in the tail pool)
         self.round: RoundArgs | None = None
         self.writer = RowWriter()  # the driver's shared delta matrix, when this actor can reach it
+        self.pool: TailPool | None = None  # the driver's tail pool, likewise
+        self.tasks = [None, 0]  # a call, and how many of its tasks this actor has begun
         self.worker: ClientWorker | None = None
 
     def _serve(self, federation: list) -> ClientWorker:
@@ -105,9 +118,13 @@ class ClientActor:
         return self.worker
 
     def train(self, call: int, clients: list[int], round_args: RoundArgs | None = None):
-        """The updates of `clients`, and which of their tensors they left in the shared matrix, by
-        client (`_leave_in_row`). `round_args` comes with an actor's first chunk of a call only.
-        NO_ROUND or NO_MATRIX when this actor needs the full round (see those)."""
+        """The updates of `clients`, then of whatever this actor claims from the call's tail pool
+        while no other task of the call is queued behind this one, and which of their tensors they
+        left in the shared matrix, by client (`_leave_in_row`). `round_args` comes with an actor's
+        first chunk of a call only. NO_ROUND or NO_MATRIX when this actor needs the full round."""
+        if self.tasks[0] != call:
+            self.tasks = [call, 0]
+        self.tasks[1] += 1  # counted as the driver counts what it sends, whatever happens next
         if round_args is not None:
             self.round = round_args
             shared = round_args.shared
@@ -115,6 +132,7 @@ class ClientActor:
                 self.writer.open(*shared[:2])
             else:
                 self.writer.close()
+            self._open_pool(round_args.pool if self.writer.array is not None else None)
             if round_args.state.params is None:
                 if self.writer.array is None or (self.worker is None and round_args.federation is None):
                     self.round = None
@@ -126,16 +144,36 @@ class ClientActor:
             return NO_ROUND  # restarted by Ray since the call's first chunk
         deltas = self.writer.array
         rows = None if deltas is None else {c: torch.from_numpy(deltas[r.rows[c]]) for c in clients}
-        results = run_clients(self._serve(r.federation), clients, r.state, r.settings, r.seed, r.round_idx, r.attempt,
-                              self.faults, in_process=False, out=rows and rows.get)
-        for c in clients:
+        worker = self._serve(r.federation)
+
+        def run(cs: list[int]) -> list:
+            return run_clients(worker, cs, r.state, r.settings, r.seed, r.round_idx, r.attempt, self.faults,
+                               in_process=False, out=rows.get if rows is not None else None)
+        results, ran = run(clients), list(clients)
+        pool = self.pool if r.pool is not None and rows is not None else None
+        while pool is not None and (c := pool.claim(call, self.index, self.tasks[1])) is not None:
+            rows[c] = torch.from_numpy(deltas[r.rows[c]])
+            results += run([c])
+            ran.append(c)
+        for c in ran:
             if c not in self.home:
-                self.worker.forget(c)
+                worker.forget(c)
         stashed = {}
         for u in results if rows else ():
             if isinstance(u, ClientUpdate) and (fields := _leave_in_row(u, rows[u.client_id])):
                 stashed[u.client_id] = fields
         return results, stashed
+
+    def _open_pool(self, spec: tuple | None) -> None:
+        """The tail pool at `spec` (path, actors, capacity), kept while the driver keeps it."""
+        if spec is None or (self.pool is not None and (self.pool.path, self.pool.actors, self.pool.capacity) == spec):
+            return
+        if self.pool is not None:
+            self.pool.release()
+        try:
+            self.pool = TailPool(spec[1], spec[2], path=spec[0])
+        except (OSError, ValueError):
+            self.pool = None
 
     def ping(self, federation: list) -> str:
         """Answers, with its node's id, once the actor is up with its clients attached (after a restart too)."""
@@ -243,7 +281,7 @@ class RayBackend:
             options = dict(name=name, namespace=namespace, num_cpus=rt.client_cpus, num_gpus=gpus,
                            max_restarts=rt.max_restarts, max_task_retries=0)
             self.actors.append(ClientActor.options(**options).remote(
-                cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1)))
+                cfg.model.adapter.bottleneck, rt.torch_threads, rt.faults, range(first, last + 1), len(self.actors)))
         self.dim = federation.store.dim  # the prototypes' width
         self.node = ray.get_runtime_context().get_node_id()
         # Each actor's node: those on the driver's get light rounds (None: never, see NO_MATRIX).
@@ -257,6 +295,8 @@ class RayBackend:
         self.shared_unavailable = False  # no shared memory here (or no room): not tried again
         self.shared_updates = 0  # client updates whose delta came through the shared matrix
         self.shared_prototypes = 0  # and those whose prototypes did
+        self.pool: TailPool | None = None  # the round's last clients, claimed by free actors (see TailPool)
+        self.pool_updates = 0  # client updates an actor claimed from it
         self.resent_chunks = 0  # chunks sent again with the full round to an actor restarted since it got one
         self.rounds_put = 0  # calls whose round went through the object store (some actor off this machine)
 
@@ -264,15 +304,27 @@ class RayBackend:
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
         """Updates of the clients that finished in time. The chunk an actor was running when it died
         or ran past the round timeout is dropped from this round (a timed-out actor is killed, so
-        that Ray restarts it); what it had not started goes to the other actors when they may take
-        it over (see the module docstring), and is dropped otherwise."""
+        that Ray restarts it), with the clients it had claimed from the tail pool in that task; what
+        it had not started goes to the other actors when they may take it over (see the module
+        docstring), and is dropped otherwise."""
         self._await_restarts()
         self.calls += 1
         rows = {int(c): i + 1 for i, c in enumerate(clients)}
         layout = RowLayout.of(state.params.numel(), settings, self.dim)
         shared = self._shared_matrix(len(rows) + 1, layout.width, state.params)
+        schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
+                                 len(self.actors), steal=self.shards_are_cheap and not settings.keeps_client_state)
+        for actor in self.gone:
+            schedule.close(actor)
+        # With any actor free to run any client, the round's last clients go to whoever is free
+        # among the actors that can reach the pool (on this machine).
+        claimers = [a for a, n in enumerate(self.nodes) if n == self.node and a not in self.gone]
+        pool = self._tail_pool(len(rows)) if shared and schedule.steal and claimers else None
+        if pool is not None:
+            pool.start(self.calls)
         full = RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
-                         shared and (shared.path, shared.shape, self.node, layout.params), self.federation_arg)
+                         shared and (shared.path, shared.shape, self.node, layout.params), self.federation_arg,
+                         pool and (pool.path, pool.actors, pool.capacity))
         light = None
         if shared:
             shared.array[0, :layout.params] = state.params.numpy()
@@ -291,10 +343,9 @@ class RayBackend:
                 full_ref = ray.put(full)
                 self.rounds_put += 1
             return full_ref
-        schedule = RoundSchedule(dict(self._by_actor(clients)), settings.update_cost(*self.client_profile),
-                                 len(self.actors), steal=self.shards_are_cheap and not settings.keeps_client_state)
-        for actor in self.gone:
-            schedule.close(actor)
+        pooled: set[int] = set()  # clients put in the pool this call
+        claims_nothing: set[int] = set()  # actors whose empty chunk came back without a client
+        returned: set[int] = set()  # clients whose update (or failure) is in `results`
         pending: dict = {}  # task -> (actor, its clients)
         started: set[int] = set()  # actors that were sent this call's round
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -302,32 +353,78 @@ class RayBackend:
         def expired() -> bool:
             return deadline is not None and time.monotonic() >= deadline
 
+        def send(actor: int, chunk: list[int], resend: bool = False) -> None:
+            first = actor not in started or resend
+            started.add(actor)
+            if pool is not None:
+                pool.sent_task(actor)  # before it can reach the actor, which compares counts
+            ref = self.actors[actor].train.remote(self.calls, chunk, round_for(actor, resend) if first else None)
+            pending[ref] = (actor, chunk)
+
         def fill(actor: int, up_to: int = 2) -> None:
             """Keep up to two chunks queued on `actor`, so that it rarely waits for the driver between
-            chunks (the schedule holds a round's last clients back for whoever runs out first)."""
+            chunks. Where the schedule holds a round's last clients back for whoever runs out first,
+            they go to the tail pool instead, if there is one."""
             while not expired() and schedule.chunks_held[actor] < up_to:
+                if pool is not None and not pooled and 0 < schedule.queued() <= TAIL_PER_ACTOR * len(
+                        [a for a in claimers if a not in schedule.closed]):
+                    tail = schedule.drain()
+                    pool.fill(tail, [self._home(c) for c in tail])
+                    pooled.update(tail)
+                    for other in range(len(self.actors)):
+                        nudge(other)
+                    return
                 chunk = schedule.next_chunk(actor)
                 if not chunk:
                     return
-                first = actor not in started
-                started.add(actor)
-                ref = self.actors[actor].train.remote(self.calls, chunk, round_for(actor) if first else None)
-                pending[ref] = (actor, chunk)
+                send(actor, chunk)
+
+        def reclaim() -> None:
+            """With no task pending, clients still in the pool (whoever could claim them failed) go
+            out as chunks to the actors left."""
+            if pooled and not pending and not expired():
+                for c in pool.take_back():
+                    schedule.put_back(self._home(c), [c])
+                for other in range(len(self.actors)):
+                    fill(other)
+
+        def nudge(actor: int) -> None:
+            """An actor on this machine with nothing queued gets an empty chunk, after which it claims
+            from the pool (while the pool has clients), unless such a chunk came back empty before
+            (it cannot claim: it could not open the pool, or Ray restarted it and it lost count)."""
+            if (pooled and not expired() and actor not in schedule.closed and schedule.chunks_held[actor] == 0
+                    and actor not in claims_nothing and self.nodes[actor] == self.node and pool.left()):
+                schedule.handed(actor, [])
+                send(actor, [])
 
         results = []
+
+        def fail(clients, reason: str) -> None:
+            results.extend(ClientFailure(c, reason) for c in clients)
+            returned.update(clients)
 
         def drop(actor: int, chunk: list[int], reason: str) -> None:
             """`actor` is done with `chunk` without updates: its clients failed this round."""
             schedule.done(actor, chunk)
-            results.extend(ClientFailure(c, reason) for c in chunk)
+            fail(chunk, reason)
+
+        def lose_claims(actor: int, reason: str) -> None:
+            """`actor` failed: it claims nothing more from the pool, and what it claimed and never
+            returned failed too."""
+            if pool is not None:
+                pool.close(actor)
+                fail([c for c in pool.claimed_by(actor) if c not in returned], reason)
 
         for held in (1, 2):  # every actor's first chunk before anyone's second: all start early
             for actor in range(len(self.actors)):
                 fill(actor, held)
-        while pending:
+        reclaim()
+        timed_out = False
+        while pending and not timed_out:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
+                timed_out = True
                 break
             actor, cs = pending.pop(ready[0])
             try:
@@ -336,6 +433,7 @@ class RayBackend:
                 error = type(exc).__name__
                 log.warning("actor for clients %s failed in round %d: %s", cs, round_idx, error)
                 drop(actor, cs, error)
+                lose_claims(actor, error)
                 self.restarting.add(actor)
                 schedule.close(actor)
                 if isinstance(exc, ray.exceptions.RayActorError):
@@ -353,6 +451,8 @@ class RayBackend:
                             schedule.give_back(actor, later)
                 for other in range(len(self.actors)):
                     fill(other)
+                    nudge(other)
+                reclaim()
                 continue
             if isinstance(out, str):
                 # The actor needs the full round: Ray restarted it unseen (killed while idle, so no
@@ -364,24 +464,36 @@ class RayBackend:
                     drop(actor, cs, "timeout")  # too late to run it: its clients did not run in time
                     continue
                 log.info("chunk %s of round %d sent again with the full round (%s)", cs, round_idx, out)
-                pending[self.actors[actor].train.remote(self.calls, cs, round_for(actor, resend=True))] = (actor, cs)
+                send(actor, cs, resend=True)
                 self.resent_chunks += 1
                 continue
             schedule.done(actor, cs)
             part, stashed = out
             self.guest_updates += sum(isinstance(u, ClientUpdate) and self._home(u.client_id) != actor for u in part)
+            self.pool_updates += sum(isinstance(u, ClientUpdate) and u.client_id in pooled and u.client_id not in cs
+                                     for u in part)
+            if not cs and not part:
+                claims_nothing.add(actor)
             fill(actor)  # before reading the results: the actor works meanwhile
+            nudge(actor)
             for u in part:
                 if u.client_id in stashed:
                     _take_from_row(u, stashed[u.client_id], shared, rows[u.client_id], layout)
                     self.shared_updates += "delta" in stashed[u.client_id]
                     self.shared_prototypes += u.prototypes is not None
             results.extend(part)
+            returned.update(u.client_id for u in part)
+            reclaim()
+        if pooled:
+            pool.close()  # nobody claims from here on
+            for c in pool.take_back():
+                schedule.put_back(self._home(c), [c])
         for actor, cs in pending.values():
             log.warning("clients %s ran past the round timeout (%ss) in round %d", cs, self.timeout, round_idx)
             ray.kill(self.actors[actor], no_restart=False)
             self.restarting.add(actor)
-            results.extend(ClientFailure(c, "timeout") for c in cs)
+            fail(cs, "timeout")
+            lose_claims(actor, "timeout")
         # Clients never started: time ran out, or their actor failed and nobody could take them over.
         reason = "timeout" if expired() else "actor failed"
         results.extend(ClientFailure(c, reason) for c in schedule.remaining())
@@ -403,6 +515,18 @@ class RayBackend:
                 log.warning("no room for %d client deltas in %s: for this run they come back through the "
                             "object store", num_rows, SHM_DIR)
         return self.shared
+
+    def _tail_pool(self, clients: int) -> TailPool | None:
+        """The tail pool, with room for `clients` (None where it cannot be made: no room)."""
+        if self.pool is None or self.pool.capacity < clients:
+            if self.pool is not None:
+                self.pool.release()
+            try:
+                self.pool = TailPool(len(self.actors), clients)
+            except OSError as exc:
+                log.warning("no tail pool in %s (%s): a round's last clients go out as chunks", SHM_DIR, exc)
+                self.pool = None
+        return self.pool
 
     def _await_restarts(self, limit_s: float = 120.0) -> None:
         """Wait until actors that failed last round are back (a call to a restarting actor fails),
@@ -462,3 +586,6 @@ class RayBackend:
         if self.shared is not None:
             self.shared.close()
             self.shared = None
+        if self.pool is not None:
+            self.pool.release()
+            self.pool = None

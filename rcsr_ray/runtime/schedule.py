@@ -80,6 +80,27 @@ class RoundSchedule:
         self.done(worker, clients)
         self.queues[worker].extend(clients)
 
+    def queued(self) -> int:
+        """How many clients are not yet handed out."""
+        return sum(map(len, self.queues.values()))
+
+    def drain(self) -> list[int]:
+        """Every client not yet handed out, largest first (then by id); none are left after. For a
+        backend whose workers take those clients themselves when free (`shared_rows.TailPool`)."""
+        clients = sorted((c for q in self.queues.values() for c in q), key=lambda c: (-self.work[c], c))
+        for q in self.queues.values():
+            q.clear()
+        return clients
+
+    def handed(self, worker: int, chunk: list[int]) -> None:
+        """`worker` holds `chunk`, handed to it apart from `next_chunk` (it reports it `done` too)."""
+        self.held[worker] += float(self.work[chunk].sum())
+        self.chunks_held[worker] += 1
+
+    def put_back(self, worker: int, clients: list[int]) -> None:
+        """Clients taken out (`drain`) and never run: in `worker`'s queue again."""
+        self.queues[worker].extend(sorted(clients, key=lambda c: (-self.work[c], c)))
+
     def remaining(self) -> list[int]:
         """Clients never handed out."""
         return sorted(c for q in self.queues.values() for c in q)

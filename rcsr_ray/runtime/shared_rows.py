@@ -12,6 +12,8 @@ with the driver; files left by drivers that were killed outright are removed by 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 import weakref
@@ -24,21 +26,21 @@ PREFIX = "rcsr-ray-deltas-"
 
 
 class SharedRows:
-    """The driver's end: a (rows, cols) float32 matrix in a file it creates and removes."""
+    """The driver's end: a (rows, cols) matrix (float32 unless told) in a file it creates and removes."""
 
-    def __init__(self, rows: int, cols: int, directory: str = SHM_DIR):
+    def __init__(self, rows: int, cols: int, directory: str = SHM_DIR, dtype=np.float32):
         self.shape = (rows, cols)
         fd, self.path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory)
         # Removed when this object goes, or at interpreter exit, whichever comes first.
         self._remove = weakref.finalize(self, _unlink, self.path)
         try:
-            os.posix_fallocate(fd, 0, rows * cols * 4)
+            os.posix_fallocate(fd, 0, rows * cols * np.dtype(dtype).itemsize)
         except OSError:
             os.close(fd)
             self._remove()
             raise
         os.close(fd)
-        self.array = np.memmap(self.path, np.float32, "r+", shape=self.shape)
+        self.array = np.memmap(self.path, dtype, "r+", shape=self.shape)
 
     @classmethod
     def create(cls, rows: int, cols: int, directory: str = SHM_DIR) -> "SharedRows | None":
@@ -102,3 +104,116 @@ class RowWriter:
                 self.array = None
             self.path = path
         return self.array
+
+
+class TailPool:
+    """A round's last clients, which actors on the driver's machine claim themselves, one at a time,
+    when they have nothing queued: an int64 array in a file beside the delta matrix, read and written
+    under an exclusive lock (`flock`) by the driver and every actor.
+
+    Handed out by the driver, each of these clients would cost an actor a round trip to the driver
+    (it asks when its chunk is done), and the driver must guess ahead who runs out first. From the
+    pool, whoever is free takes the next one at once: its own clients first (their data is loaded),
+    largest first, then the smallest of the others'. The layout: call, clients in the pool, closed;
+    per actor the tasks sent to it this call (CLOSED: it may claim nothing more); the clients; their
+    home actors; who claimed each (FREE: nobody yet, TAKEN: the driver took it back)."""
+
+    HEADER = 3
+    CLOSED = 2**62  # as an actor's task count: never reached, so it claims nothing
+    FREE, TAKEN = -1, -2
+
+    def __init__(self, actors: int, capacity: int, path: str | None = None, directory: str = SHM_DIR):
+        """The driver's end (path None: a new file in `directory`) or an actor's (the driver's file)."""
+        self.actors, self.capacity = actors, capacity
+        size = self.HEADER + actors + 3 * capacity
+        if path is None:
+            self._rows = SharedRows(1, size, directory, dtype=np.int64)
+            path = self._rows.path
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
+        self.array = np.memmap(path, np.int64, "r+", shape=(size,))
+        a, c = self.HEADER, self.HEADER + actors
+        self.sent = self.array[a:c]
+        self.clients, self.homes, self.claimer = (self.array[c + i * capacity:c + (i + 1) * capacity] for i in range(3))
+
+    @contextlib.contextmanager
+    def _locked(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield self.array
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    # The driver's side.
+
+    def start(self, call: int) -> None:
+        """A new call: an empty pool, no task sent to anyone yet."""
+        with self._locked() as a:
+            a[:self.HEADER] = (call, 0, 0)
+            self.sent[:] = 0
+
+    def sent_task(self, actor: int) -> None:
+        """The driver sent `actor` a task of this call (counted before it is sent)."""
+        with self._locked():
+            if self.sent[actor] != self.CLOSED:
+                self.sent[actor] += 1
+
+    def fill(self, clients: list[int], homes: list[int]) -> None:
+        """Put `clients` (this call's, largest first, with their home actors) in the empty pool."""
+        with self._locked() as a:
+            n = len(clients)
+            self.clients[:n], self.homes[:n], self.claimer[:n] = clients, homes, self.FREE
+            a[1] = n
+
+    def close(self, actor: int | None = None) -> None:
+        """`actor` may claim nothing more this call (it failed); None: nobody may (time is up)."""
+        with self._locked() as a:
+            if actor is None:
+                a[2] = 1
+            else:
+                self.sent[actor] = self.CLOSED
+
+    def left(self) -> int:
+        """Clients in the pool that nobody has claimed yet."""
+        with self._locked() as a:
+            return int((self.claimer[:a[1]] == self.FREE).sum())
+
+    def claimed_by(self, actor: int) -> list[int]:
+        with self._locked() as a:
+            n = a[1]
+            return [int(c) for c in self.clients[:n][self.claimer[:n] == actor]]
+
+    def take_back(self) -> list[int]:
+        """The clients nobody claimed; nobody can claim them after."""
+        with self._locked() as a:
+            free = self.claimer[:a[1]] == self.FREE
+            left = [int(c) for c in self.clients[:a[1]][free]]
+            self.claimer[:a[1]][free] = self.TAKEN
+            return left
+
+    # An actor's side.
+
+    def claim(self, call: int, actor: int, started: int) -> int | None:
+        """The next client for `actor`, which has begun `started` tasks of call `call`; None when the
+        pool has nothing left or is closed, belongs to another call, or a task of this call is queued
+        behind the actor's current one (it runs that first)."""
+        with self._locked() as a:
+            n = a[1]
+            if a[0] != call or a[2] or self.sent[actor] != started:
+                return None
+            free = self.claimer[:n] == self.FREE
+            own = np.flatnonzero(free & (self.homes[:n] == actor))
+            others = np.flatnonzero(free)
+            if not others.size:
+                return None
+            i = own[0] if own.size else others[-1]
+            self.claimer[i] = actor
+            return int(self.clients[i])
+
+    def release(self) -> None:
+        self.array = self.sent = self.clients = self.homes = self.claimer = None
+        self._close_fd()
+        rows = getattr(self, "_rows", None)
+        if rows is not None:
+            rows.close()
