@@ -78,7 +78,7 @@ class RoundArgs:
     rows: dict[int, int]  # client -> its row in the shared matrix (row 0 holds the params)
     shared: tuple | None  # (path, shape, node id, params' length) of that matrix; None: deltas come back as results
     federation: list | None  # [its object-store ref], for an actor that Ray restarted since; light: None
-    pool: tuple | None = None  # (path, actors, capacity) of the call's TailPool; None: no pool
+    pool: tuple | None = None  # the call's TailPool (its `spec`); None: no pool
 
     def light(self) -> "RoundArgs":
         return replace(self, state=replace(self.state, params=None), federation=None)
@@ -165,8 +165,8 @@ class ClientActor:
         return results, stashed
 
     def _open_pool(self, spec: tuple | None) -> None:
-        """The tail pool at `spec` (path, actors, capacity), kept while the driver keeps it."""
-        if spec is None or (self.pool is not None and (self.pool.path, self.pool.actors, self.pool.capacity) == spec):
+        """The tail pool at `spec` (`TailPool.spec`), kept while the driver keeps it."""
+        if spec is None or (self.pool is not None and self.pool.spec == spec):
             return
         if self.pool is not None:
             self.pool.release()
@@ -324,7 +324,7 @@ class RayBackend:
             pool.start(self.calls)
         full = RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
                          shared and (shared.path, shared.shape, self.node, layout.params), self.federation_arg,
-                         pool and (pool.path, pool.actors, pool.capacity))
+                         pool and pool.spec)
         light = None
         if shared:
             shared.array[0, :layout.params] = state.params.numpy()
@@ -366,8 +366,8 @@ class RayBackend:
             chunks. Where the schedule holds a round's last clients back for whoever runs out first,
             they go to the tail pool instead, if there is one."""
             while not expired() and schedule.chunks_held[actor] < up_to:
-                if pool is not None and not pooled and 0 < schedule.queued() <= TAIL_PER_ACTOR * len(
-                        [a for a in claimers if a not in schedule.closed]):
+                open_claimers = sum(a not in schedule.closed for a in claimers)
+                if pool is not None and not pooled and 0 < schedule.queued() <= TAIL_PER_ACTOR * open_claimers:
                     tail = schedule.drain()
                     pool.fill(tail, [self._home(c) for c in tail])
                     pooled.update(tail)

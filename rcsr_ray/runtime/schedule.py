@@ -22,11 +22,14 @@ class RoundSchedule:
         """`home`: worker -> its clients sampled this round; `work`: every client's relative cost."""
         self.work = np.asarray(work, np.float64)
         self.steal = steal
-        self.queues = {w: deque(sorted(home.get(w, []), key=lambda c: (-self.work[c], c)))
-                       for w in range(num_workers)}
+        self.queues = {w: deque(self._largest_first(home.get(w, []))) for w in range(num_workers)}
         self.closed: set[int] = set()  # workers that failed this round: they get nothing more
         self.held = dict.fromkeys(range(num_workers), 0.0)  # work handed out and not yet done, per worker
         self.chunks_held = dict.fromkeys(range(num_workers), 0)  # and its chunks (held work can be 0)
+
+    def _largest_first(self, clients) -> list[int]:
+        """`clients` by work, largest first, then by id."""
+        return sorted(clients, key=lambda c: (-self.work[c], c))
 
     def _left(self, worker: int) -> float:
         """Work still queued for `worker`."""
@@ -87,7 +90,7 @@ class RoundSchedule:
     def drain(self) -> list[int]:
         """Every client not yet handed out, largest first (then by id); none are left after. For a
         backend whose workers take those clients themselves when free (`shared_rows.TailPool`)."""
-        clients = sorted((c for q in self.queues.values() for c in q), key=lambda c: (-self.work[c], c))
+        clients = self._largest_first(c for q in self.queues.values() for c in q)
         for q in self.queues.values():
             q.clear()
         return clients
@@ -99,7 +102,7 @@ class RoundSchedule:
 
     def put_back(self, worker: int, clients: list[int]) -> None:
         """Clients taken out (`drain`) and never run: in `worker`'s queue again."""
-        self.queues[worker].extend(sorted(clients, key=lambda c: (-self.work[c], c)))
+        self.queues[worker].extend(self._largest_first(clients))
 
     def remaining(self) -> list[int]:
         """Clients never handed out."""

@@ -126,16 +126,19 @@ class TailPool:
         """The driver's end (path None: a new file in `directory`) or an actor's (the driver's file)."""
         self.actors, self.capacity = actors, capacity
         size = self.HEADER + actors + 3 * capacity
-        if path is None:
-            self._rows = SharedRows(1, size, directory, dtype=np.int64)
-            path = self._rows.path
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR)
+        self._rows = None if path is not None else SharedRows(1, size, directory, dtype=np.int64)
+        self.path = path or self._rows.path
+        self.fd = os.open(self.path, os.O_RDWR)
         self._close_fd = weakref.finalize(self, os.close, self.fd)
-        self.array = np.memmap(path, np.int64, "r+", shape=(size,))
+        self.array = self._rows.array[0] if self._rows is not None else np.memmap(self.path, np.int64, "r+", shape=(size,))
         a, c = self.HEADER, self.HEADER + actors
         self.sent = self.array[a:c]
         self.clients, self.homes, self.claimer = (self.array[c + i * capacity:c + (i + 1) * capacity] for i in range(3))
+
+    @property
+    def spec(self) -> tuple[str, int, int]:
+        """(path, actors, capacity): what an actor opens this pool with."""
+        return self.path, self.actors, self.capacity
 
     @contextlib.contextmanager
     def _locked(self):
@@ -214,6 +217,5 @@ class TailPool:
     def release(self) -> None:
         self.array = self.sent = self.clients = self.homes = self.claimer = None
         self._close_fd()
-        rows = getattr(self, "_rows", None)
-        if rows is not None:
-            rows.close()
+        if self._rows is not None:
+            self._rows.close()
