@@ -77,11 +77,27 @@ def _ray_backend(small_config, **keys):
         backend.shutdown()
 
 
+def _started_first_on_actor_0(small_config) -> int:
+    """The client that actor 0 (clients 0-2) starts round 1 with in `_ray_backend`: its largest, in
+    the first chunk sent. Never left for the tail pool, where the other actor could claim it first."""
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.strategy import make_strategy
+    from rcsr_ray.runtime.schedule import RoundSchedule
+
+    cfg = small_config(**ALL)
+    fed = build_federation(cfg)
+    settings = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim).client_settings(1)
+    schedule = RoundSchedule({0: [0, 1, 2], 1: [3, 4, 5]}, settings.update_cost(*fed.client_profile()), 2, steal=True)
+    return schedule.next_chunk(0)[0]
+
+
 def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session):
     import ray
     from ray.util.state import list_actors
 
-    with _ray_backend(small_config, **{"runtime.faults": "hang@1:1,hang@2:4"}) as (backend, state, settings, seed):
+    hangs = _started_first_on_actor_0(small_config)
+    with _ray_backend(small_config, **{"runtime.faults": f"hang@1:{hangs},hang@2:4"}) \
+            as (backend, state, settings, seed):
         backend.client_state()  # the actors are up
         deadline, names = time.monotonic() + 30, set()
         while not {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names and time.monotonic() < deadline:
@@ -89,15 +105,16 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
             time.sleep(0.5)
         assert {"rcsr-clients-0-2", "rcsr-clients-3-5"} <= names
 
-        # Round 1: the actor holding clients 0-2 is killed mid-round, while client 1 hangs on it; the
-        # clients it was running are dropped, and the other actor takes over those it had not
-        # started (FedAvg keeps no client state), so the round completes with everyone else.
+        # Round 1: the actor holding clients 0-2 is killed mid-round, while the first client it
+        # started hangs on it; the clients it was running are dropped, and the other actor takes
+        # over those it had not started (FedAvg keeps no client state), so the round completes with
+        # everyone else.
         killer = threading.Timer(3.0, lambda: ray.kill(backend.actors[0], no_restart=False))
         killer.start()
-        backend.timeout = 60  # bounds the test should client 1 ever run elsewhere and hang there
+        backend.timeout = 60  # bounds the test should the hanging client ever run elsewhere
         updates, failed = backend.train(state, range(6), settings, seed, 1)
         killer.join()
-        assert 1 in failed and set(failed) <= {0, 1, 2}
+        assert hangs in failed and set(failed) <= {0, 1, 2}
         assert sorted(failed + [u.client_id for u in updates]) == list(range(6))
         # Round 2: client 4 hangs past the round timeout; its actor is killed and restarted, and
         # the clients it held (its own, or others' it had taken over and queued) are dropped.
