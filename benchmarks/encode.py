@@ -96,6 +96,8 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
+    from rcsr_ray.runtime.connect import start_local_ray
+
     tmp = Path(tempfile.mkdtemp(prefix="rcsr-encode-bench-"))
     try:
         n_test = max(1, args.images // 10)
@@ -105,8 +107,7 @@ def main() -> None:
         loop_s, loop_mem = loop_encode(data, model, shard, "cuda" if args.gpu else "cpu")
         if args.gpu:
             torch.cuda.empty_cache()
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
         pipe_s, first_s, pipe_mem, report = pipeline_encode(data, model, shard, tmp / "features", args.actors,
                                                    args.gpu_share, args.gpu)
         cluster = ray.cluster_resources()

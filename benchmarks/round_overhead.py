@@ -43,6 +43,7 @@ from rcsr_ray.data.federation import build_federation
 from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.models.adapters import initial_params
 from rcsr_ray.runtime.backends import make_backend
+from rcsr_ray.runtime.connect import start_local_ray
 
 PEER = {"preset": "S1", "fed.method": "fedavg", "data.synthetic.train_images": 29000,
         "data.synthetic.client_shift": 0.0, "partition.num_clients": 100, "fed.participation": 0.5,
@@ -233,7 +234,7 @@ def main() -> None:
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     cpus = ray.cluster_resources()["CPU"]
     free_gb = available_gb() - 2  # before any run: what 100 actors could have, with 2 GB to spare
     runs = []

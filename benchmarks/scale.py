@@ -131,7 +131,9 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from rcsr_ray.runtime.connect import start_local_ray
+
+    start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     baseline = sum(job_pss().values()) / 2**30  # Ray's daemons and this process before any run
     small = measure(args.small_clients, args.participants, args.rounds, args.warmup)
     large = measure(args.clients, args.participants, args.rounds, args.warmup)

@@ -1,8 +1,10 @@
 """Shared fixtures: a small benchmark config and one Ray instance for the whole session."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,19 +68,69 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid`'s child processes, theirs, and so on (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name before may hold anything
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.extend(kids := children.get(todo.pop(), []))
+        todo.extend(kids)
+    return found
+
+
+def listening_sockets(pids) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every TCP socket that processes `pids` listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # exited meanwhile
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: listening
+                host, port = fields[1].split(":")
+                raw = bytes.fromhex(host)  # 32-bit words, each in the host's (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((ipaddress.ip_address(raw), int(port, 16)))
+    return found
+
+
+def is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as Ray's gRPC servers bind
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for all tests that need it, bound to 127.0.0.1, 2 CPUs, with a
     Prometheus metrics endpoint at http://127.0.0.1:<ray_session.metrics_port>/metrics and the GCS
     address for the state API in `ray_session.address`."""
     ray = pytest.importorskip("ray")
+    from rcsr_ray.runtime.connect import start_local_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     (port,) = free_ports(1)
     # The dashboard serves the state API (actor listings); bound to loopback. Metrics are pushed
     # to the exporter every second instead of every ten, so tests see them quickly.
-    context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000},
-             configure_logging=False, log_to_driver=False)
+    context = start_local_ray(num_cpus=2, include_dashboard=True, _metrics_export_port=port,
+                              _system_config={"metrics_report_interval_ms": 1000}, configure_logging=False,
+                              log_to_driver=False)
     # Tests pass `address` to the state API: other Ray instances may run on this machine.
     yield SimpleNamespace(metrics_port=port, address=context.address_info["gcs_address"])
     ray.shutdown()

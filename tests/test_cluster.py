@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import SMALL, free_ports
+from tests.conftest import SMALL, descendants, free_ports, is_loopback, listening_sockets
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("cluster.yaml", "local.yaml")
@@ -109,7 +110,10 @@ def ray_head():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # job entrypoints find rcsr-ray, as in the venv
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # no drain wait on SIGTERM
-               RAY_metrics_report_interval_ms="1000")  # metrics reach the endpoint within seconds (default 10 s)
+               RAY_metrics_report_interval_ms="1000",  # metrics reach the endpoint within seconds (default 10 s)
+               # Else Ray swaps --node-ip-address 127.0.0.1 for the machine's outward address and listens
+               # on every interface (see rcsr_ray.runtime.connect.start_local_ray).
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     log = open(temp / "head.log", "w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -119,7 +123,8 @@ def ray_head():
          "--num-cpus", "2", "--temp-dir", str(temp / "ray"), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     info = {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-            "env": env, "token": token.read_text()}
+            "env": env, "token": token.read_text(), "pid": head.pid,
+            "gcs": gcs}
     try:
         _wait_for_dashboard(info, head, temp / "head.log")
         yield info
@@ -168,6 +173,14 @@ def test_head_rejects_clients_without_the_token(ray_head):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 401
+
+
+def test_head_listens_on_loopback_only(ray_head):
+    """`ray start --head --node-ip-address 127.0.0.1` and every process it starts accept connections
+    on 127.0.0.1 only."""
+    sockets = listening_sockets([ray_head["pid"], *descendants(ray_head["pid"])])
+    assert [s for s in sockets if not is_loopback(s[0])] == []
+    assert {ray_head["gcs"], urllib.parse.urlsplit(ray_head["dashboard"]).port} <= {port for _, port in sockets}
 
 
 def test_job_submit_runs_a_simulation_watched_in_state_api_and_metrics(ray_head, tmp_path):

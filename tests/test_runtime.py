@@ -1,5 +1,8 @@
 """Runtime: dropped clients, retried rounds, resume from a checkpoint, actor names, killed actors."""
 import contextlib
+import ipaddress
+import os
+import socket
 import threading
 import time
 
@@ -7,6 +10,7 @@ import pytest
 import torch
 
 from rcsr_ray.runtime.loop import StopAfter, run_simulation
+from tests.conftest import descendants, is_loopback, listening_sockets
 
 ALL = {"fed.participation": 1.0}
 
@@ -125,6 +129,24 @@ def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session)
         # Round 3: both restarted actors serve again.
         updates, failed = backend.train(state, range(6), settings, seed, 3)
         assert failed == [] and len(updates) == 6
+
+
+def test_ray_and_its_actors_listen_on_loopback_only(small_config, ray_session):
+    """Ray as the tests start it, as `rcsr-ray run` does (connect.start_local_ray): its daemons, the
+    dashboard, the metrics endpoint and the client actors accept connections on 127.0.0.1 only,
+    never on the machine's outward address."""
+    with socket.create_server(("0.0.0.0", 0)) as everywhere:  # what the check must catch
+        assert (ipaddress.ip_address("0.0.0.0"), everywhere.getsockname()[1]) in listening_sockets([os.getpid()])
+    assert not is_loopback(ipaddress.ip_address("0.0.0.0"))
+    with _ray_backend(small_config) as (backend, state, settings, seed):
+        updates, _ = backend.train(state, range(6), settings, seed, 1)
+        sockets = listening_sockets(descendants(os.getpid()))
+    assert len(updates) == 6
+    assert [s for s in sockets if not is_loopback(s[0])] == []
+    host, gcs = ray_session.address.rsplit(":", 1)
+    ports = {port for _, port in sockets}
+    assert host == "127.0.0.1" and {int(gcs), ray_session.metrics_port} <= ports
+    assert len(sockets) >= 8, sockets  # GCS, raylet (2), dashboard, its agent, the actors, ...
 
 
 def _cannot_claim(actor) -> None:
