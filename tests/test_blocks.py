@@ -121,6 +121,40 @@ def test_client_update_trains_every_block_of_both_towers(store_path):
     assert torch.equal(u.delta, again.delta)  # deterministic
 
 
+def test_text_only_client_decodes_no_images_and_trains_as_with_them(store_path):
+    """A text-only client's shard skips decoding its images; its update (anchored to prototypes,
+    with the CLIP anchor) is exactly what it was with the pixels in the shard."""
+    import dataclasses
+
+    from rcsr_ray.data.partition import TEXT_ONLY
+
+    cfg = _config(store_path, **{"partition.missing_rate": 0.34, "partition.image_only_share": 0.0})
+    fed, params = _initial(cfg)
+    client = int(np.flatnonzero(fed.partition.modality == TEXT_ONLY)[0])
+    shard = fed.shard(client)
+    rows = fed.train.image_rows[fed.partition.client_indices[client]]
+    assert shard.image_emb.shape == (len(rows), 0) and shard.num_images == len(rows) >= 2
+    with_pixels = dataclasses.replace(shard, image_emb=np.asarray(fed.store.image_emb[rows]))
+    assert with_pixels.image_emb.shape == (len(rows), 3, 32, 32)
+
+    clusters, dim = fed.partition.num_clusters, fed.store.dim
+    g = torch.Generator().manual_seed(0)
+    protos = {"image": torch.randn(clusters, dim, generator=g), "text": torch.randn(clusters, dim, generator=g),
+              "seen": torch.ones(clusters, 2, dtype=torch.bool)}
+    settings = ClientSettings(2, 8, 1e-2, 0.0, 0.07, anchor_weight=1.0, clip_anchor=0.5, report_prototypes=True,
+                              num_clusters=clusters)
+    updates = []
+    for held in (shard, with_pixels):
+        worker = ClientWorker(fed, cfg.model.adapter.bottleneck)
+        worker.shards[client], worker.state[client] = held, {}
+        updates.append(worker.update(client, GlobalState(params, protos), settings, 0, 1))
+    without, before = updates
+    assert without.steps > 0 and without.delta.abs().max() > 0
+    assert torch.equal(without.delta, before.delta) and without.loss == before.loss
+    assert without.prototypes.keys() == before.prototypes.keys() and "image_sum" not in without.prototypes
+    assert all(torch.equal(without.prototypes[k], before.prototypes[k]) for k in without.prototypes)
+
+
 @pytest.mark.parametrize("method, over", [("fedavg", {}),
                                           ("rcsr", {"partition.missing_rate": 0.34})])
 def test_blocks_run_end_to_end(store_path, method, over):

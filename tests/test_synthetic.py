@@ -70,3 +70,31 @@ def test_federation_regenerates_a_missing_synthetic_store(small_config, tmp_path
     remote = pickle.loads(pickle.dumps(fed))  # what an actor on another node receives
     shutil.rmtree(fed.store_path)
     assert np.array_equal(remote.shard(2).caption_emb, before)
+
+
+def test_text_only_shards_hold_no_images_and_the_pooled_shard_all(small_config):
+    """A text-only client's shard has its images' count and captions, not the images (which in
+    blocks mode would mean decoding them for nothing); the pooled shard of the centralized baseline
+    holds every client's images, text-only clients' included."""
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.data.partition import PAIRED, TEXT_ONLY
+
+    cfg = small_config(**{"partition.num_clients": 6, "partition.missing_rate": 0.5, "partition.image_only_share": 0.0,
+                          "data.synthetic.client_shift": 0.3})
+    fed = build_federation(cfg)
+    text_only = np.flatnonzero(fed.partition.modality == TEXT_ONLY)
+    assert len(text_only) == 3
+    store, train = fed.store, fed.train
+    for c in text_only:
+        shard, local = fed.shard(int(c)), fed.partition.client_indices[c]
+        assert shard.image_emb.shape == (len(local), 0) and shard.num_images == len(local) > 0
+        assert len(shard.caption_emb) == shard.caption_offsets[-1] > 0 and shard.caption_emb.shape[1] == store.dim
+    pooled = fed.pooled_shard()
+    assert pooled.image_emb.shape == (len(train.image_rows), store.dim)
+    # Client order, each with its own domain shift: the text-only clients' images are there, shifted.
+    c = int(text_only[0])
+    start = sum(len(fed.partition.client_indices[i]) for i in range(c))
+    rows = pooled.image_emb[start:start + len(fed.partition.client_indices[c])]
+    raw = np.asarray(store.image_emb[train.image_rows[fed.partition.client_indices[c]]])
+    assert np.all(np.abs(np.linalg.norm(rows, axis=1) - 1) < 1e-5) and not np.allclose(rows, raw)
+    assert np.allclose(rows, fed._shard(c, fed.partition.client_indices[c], PAIRED, train).image_emb)

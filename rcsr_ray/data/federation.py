@@ -22,7 +22,8 @@ class ClientShard:
     client_id: int
     modality: int  # PAIRED / IMAGE_ONLY / TEXT_ONLY (partition.py)
     # (n, d) float32 features, or (n, 3, S, S) pixels in full-backbone mode (uint8 where they can be);
-    # all n images, even for a text-only client (it holds their captions)
+    # (n, 0) for a text-only client: it holds the images' captions and never looks at the images
+    # themselves, which in full-backbone mode would mean decoding them for nothing
     image_emb: np.ndarray
     caption_emb: np.ndarray  # (m, d) float32, grouped by image
     caption_offsets: np.ndarray  # (n+1,) captions of image i are rows o[i]:o[i+1]
@@ -99,7 +100,7 @@ class Federation:
 
     def pooled_shard(self) -> ClientShard:
         """All clients' training data in one paired shard (the centralized upper bound)."""
-        shards = [self.shard(c) for c in range(self.num_clients)]
+        shards = [self._shard(c, self.partition.client_indices[c], PAIRED, self.train) for c in range(self.num_clients)]
         offsets, total = [np.zeros(1, np.int64)], 0
         for s in shards:
             offsets.append(s.caption_offsets[1:] + total)
@@ -111,14 +112,17 @@ class Federation:
     def _shard(self, client: int, local: np.ndarray, modality: int, split: SplitView,
                clusters: np.ndarray | None = None) -> ClientShard:
         store = self.store
-        image_emb = np.asarray(store.image_emb[split.image_rows[local]])
+        has_image = modality != TEXT_ONLY
+        image_emb = np.asarray(store.image_emb[split.image_rows[local]]) if has_image \
+            else np.empty((len(local), 0), np.float32)
         starts, ends = split.caption_offsets[local], split.caption_offsets[local + 1]
         counts = ends - starts
         caption_emb = np.asarray(store.caption_emb[split.caption_rows[concat_ranges(starts, ends)]])
         if self.synthetic is not None and self.synthetic.client_shift > 0:
             img_shift, txt_shift = synthetic.client_shift_vectors(self.synthetic.seed, client, store.dim,
                                                                   self.synthetic.client_shift)
-            image_emb = _renorm(image_emb + img_shift)
+            if has_image:
+                image_emb = _renorm(image_emb + img_shift)
             caption_emb = _renorm(caption_emb + txt_shift)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         clusters = self.partition.clusters if clusters is None else clusters
