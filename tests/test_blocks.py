@@ -122,8 +122,8 @@ def test_client_update_trains_every_block_of_both_towers(store_path):
 
 
 def test_text_only_client_decodes_no_images_and_trains_as_with_them(store_path):
-    """A text-only client's shard skips decoding its images; its update (anchored to prototypes,
-    with the CLIP anchor) is exactly what it was with the pixels in the shard."""
+    """A text-only client's shard skips decoding its images; its update (anchored to prototypes)
+    and its prototypes are exactly what they were with the pixels in the shard."""
     import dataclasses
 
     from rcsr_ray.data.partition import TEXT_ONLY
@@ -141,8 +141,7 @@ def test_text_only_client_decodes_no_images_and_trains_as_with_them(store_path):
     g = torch.Generator().manual_seed(0)
     protos = {"image": torch.randn(clusters, dim, generator=g), "text": torch.randn(clusters, dim, generator=g),
               "seen": torch.ones(clusters, 2, dtype=torch.bool)}
-    settings = ClientSettings(2, 8, 1e-2, 0.0, 0.07, anchor_weight=1.0, clip_anchor=0.5, report_prototypes=True,
-                              num_clusters=clusters)
+    settings = ClientSettings(2, 8, 1e-2, 0.0, 0.07, anchor_weight=1.0, report_prototypes=True, num_clusters=clusters)
     updates = []
     for held in (shard, with_pixels):
         worker = ClientWorker(fed, cfg.model.adapter.bottleneck)
