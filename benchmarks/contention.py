@@ -33,9 +33,9 @@ def _half(run: Run, r: int, index: int):
 def _timed(run: Run, r: int, work) -> tuple[float, float]:
     """Update CPU seconds and wall seconds of one half-round."""
     state, clients, settings = work
-    cpu, wall = run.backend.worker.update_cpu_s, time.perf_counter()
+    cpu, wall = run.update_cpu_s(), time.perf_counter()
     run.backend.train(state, clients, settings, run.cfg.seed, r)
-    return run.backend.worker.update_cpu_s - cpu, time.perf_counter() - wall
+    return run.update_cpu_s() - cpu, time.perf_counter() - wall
 
 
 def worker(index: int, keys: dict, rounds: int, barrier, results) -> None:

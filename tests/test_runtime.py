@@ -61,18 +61,23 @@ def test_checkpoint_of_another_config_is_not_resumed(small_config, tmp_path):
     assert torch.equal(other.params, fresh.params)
 
 
+def _federation_and_strategy(cfg):
+    from rcsr_ray.data.federation import build_federation
+    from rcsr_ray.fl.strategy import make_strategy
+
+    fed = build_federation(cfg)
+    return fed, make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+
+
 @contextlib.contextmanager
 def _ray_backend(small_config, **keys):
     """A Ray backend over the small federation, 3 clients per actor, with round 1's state and client
     settings (for all 6 clients) and the seed; shut down after."""
-    from rcsr_ray.data.federation import build_federation
-    from rcsr_ray.fl.strategy import make_strategy
     from rcsr_ray.models.adapters import initial_params
     from rcsr_ray.runtime.ray_backend import RayBackend
 
     cfg = small_config(**ALL, **{"runtime.backend": "ray", "runtime.clients_per_actor": 3, **keys})
-    fed = build_federation(cfg)
-    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    fed, strategy = _federation_and_strategy(cfg)
     backend = RayBackend(fed, cfg)
     try:
         params = initial_params(fed.store.dim, cfg.model.adapter.bottleneck, 0.0, cfg.seed)
@@ -84,15 +89,11 @@ def _ray_backend(small_config, **keys):
 def _started_first_on_actor_0(small_config) -> int:
     """The client that actor 0 (clients 0-2) starts round 1 with in `_ray_backend`: its largest, in
     the first chunk sent. Never left for the tail pool, where the other actor could claim it first."""
-    from rcsr_ray.data.federation import build_federation
-    from rcsr_ray.fl.strategy import make_strategy
     from rcsr_ray.runtime.schedule import RoundSchedule
 
-    cfg = small_config(**ALL)
-    fed = build_federation(cfg)
-    settings = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim).client_settings(1)
-    schedule = RoundSchedule({0: [0, 1, 2], 1: [3, 4, 5]}, settings.update_cost(*fed.client_profile()), 2, steal=True)
-    return schedule.next_chunk(0)[0]
+    fed, strategy = _federation_and_strategy(small_config(**ALL))
+    work = strategy.client_settings(1).update_cost(*fed.client_profile())
+    return RoundSchedule({0: [0, 1, 2], 1: [3, 4, 5]}, work, 2, steal=True).next_chunk(0)[0]
 
 
 def test_ray_actor_killed_mid_round_timeout_and_names(small_config, ray_session):

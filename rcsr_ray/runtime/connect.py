@@ -31,8 +31,8 @@ def start_local_ray(**init_args):
     clusters are off (its default on Windows and macOS); they are off while this instance starts
     (its daemons and their workers keep that setting), and on again after, so that this process
     could still join a cluster later."""
-    env, before = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
-    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    env = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before, enabled = os.environ.get(env), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[env], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
         return ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **init_args)
