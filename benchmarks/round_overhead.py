@@ -13,7 +13,9 @@ A second table splits a Ray round's CPU between the client actors, the driver, R
 client updates took on the actors against what the same updates took on the local backend: on a
 machine whose cores slow each other down when both are busy, that alone keeps Ray from half the
 local time (`floor`: the ratio if the actors' updates were all a Ray round cost, spread over the
-cores). The last line is one JSON object.
+cores). `ratio at local speed` takes that slowdown out: the ratio less the extra CPU the actors'
+updates took over the same updates on the local backend, spread over the cores; what is left above
+1/cores is the runtime's own cost. The last line is one JSON object.
 
 With --repeats N the whole measurement runs N times and the tables and JSON give medians over the
 runs (a ratio's median is the median of the runs' ratios), plus each run's ratios under "runs".
@@ -258,6 +260,7 @@ def main() -> None:
                      "ratio": median(label, lambda r: r[1] / r[0]),
                      "updates": median(label, lambda r: r[6] / r[5]),
                      "floor": median(label, lambda r: r[6] / CpuSplit.CORES / r[0]),
+                     "at_local_speed": median(label, lambda r: (r[1] - (r[6] - r[5]) / CpuSplit.CORES) / r[0]),
                      "cpu": {part: median(label, lambda r: r[4][part]) for part in CpuSplit.PARTS}}
              for label in labels}
     identical = all(r[2] for res, _ in runs for r in res.values())
@@ -273,10 +276,11 @@ def main() -> None:
     # would have if those updates were all it cost, spread over the cores.
     print(f"\nwhere a Ray round's CPU goes (ms per round, mean; {CpuSplit.CORES} cores x the round's wall time),")
     print("and the actors' client updates against the same updates on the local backend (CPU):")
-    print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS) + f"{'updates':>11}{'floor':>8}")
+    print(f"{'workload':<36}" + "".join(f"{part:>11}" for part in CpuSplit.PARTS)
+          + f"{'updates':>11}{'floor':>8}{'ratio at local speed':>22}")
     for label, t in table.items():
         print(f"{label:<36}" + "".join(f"{t['cpu'][part]:>11.0f}" for part in CpuSplit.PARTS)
-              + f"{t['updates']:>10.2f}x{t['floor']:>8.2f}")
+              + f"{t['updates']:>10.2f}x{t['floor']:>8.2f}{t['at_local_speed']:>22.2f}")
     peer, rcsr, small = table[PEER_PACKED], table[RCSR_PACKED], table[small_label(args.actor_clients)]
     actor = table.get(PEER_ACTOR)
     out = {
@@ -290,6 +294,7 @@ def main() -> None:
         "ray_cpu_ms": {label: {part: round(ms, 1) for part, ms in t["cpu"].items()} for label, t in table.items()},
         "update_cpu_ratio": {label: round(t["updates"], 3) for label, t in table.items()},
         "ratio_floor": {label: round(t["floor"], 3) for label, t in table.items()},
+        "ratio_at_local_update_speed": {label: round(t["at_local_speed"], 3) for label, t in table.items()},
         "repeats": args.repeats}
     if args.repeats > 1:
         out["runs"] = [{label: round(r[1] / r[0], 3) for label, r in res.items()} for res, _ in runs]
