@@ -15,7 +15,7 @@ machine whose cores slow each other down when both are busy, that alone keeps Ra
 local time (`floor`: the ratio if the actors' updates were all a Ray round cost, spread over the
 cores). `ratio at local speed` takes that slowdown out: the ratio less the extra CPU the actors'
 updates took over the same updates on the local backend, spread over the cores; what is left above
-1/cores is the runtime's own cost. The last line is one JSON object.
+1/cores is what the round costs beside the updates. The last line is one JSON object.
 
 With --repeats N the whole measurement runs N times and the tables and JSON give medians over the
 runs (a ratio's median is the median of the runs' ratios), plus each run's ratios under "runs".
