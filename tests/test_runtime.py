@@ -206,6 +206,29 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
         assert failed == [] and [u.client_id for u in updates] == list(range(6))
         assert backend.guest_updates == 3  # clients 0-2, away from their home actor
 
+        def reads_and_guests():
+            return ray.get(backend.actors[1].__ray_call__.remote(
+                lambda a: (a.worker.shard_reads, sorted(a.guests), sum(a.guests.values()))))
+        reads, kept, _ = reads_and_guests()
+        assert reads == 6 and kept == [0, 1, 2]
+        backend.train(state, range(6), settings, seed, 2)
+        assert reads_and_guests()[:2] == (6, [0, 1, 2])  # the guests' data was kept, not read again
+        # A budget that holds one guest's data: the least recently run ones are dropped.
+        sizes = ray.get(backend.actors[1].__ray_call__.remote(
+            lambda a: {c: a.worker.shards[c].nbytes for c in a.guests}))
+        budget = max(sizes.values())
+        ray.get(backend.actors[1].__ray_call__.remote(lambda a: setattr(a, "guest_bytes", budget)))
+        backend.train(state, range(6), settings, seed, 3)
+        reads, kept, held = reads_and_guests()
+        # Dropped at the end of each task: a guest run in a later chunk than the one kept is read again.
+        assert 6 <= reads <= 8 and len(kept) == 1 and held == sizes[kept[0]] <= budget
+        ray.get(backend.actors[1].__ray_call__.remote(lambda a: setattr(a, "guest_bytes", 0)))
+        backend.train(state, range(6), settings, seed, 4)
+        reads, kept, held = reads_and_guests()
+        assert kept == [] and held == 0
+        backend.train(state, range(6), settings, seed, 5)
+        assert reads_and_guests() == (reads + 3, [], 0)  # nothing kept: every guest read again
+
 
 def _as_restarted(actor) -> None:
     """What a restart leaves of a ClientActor: no round, no clients, no shared matrix."""

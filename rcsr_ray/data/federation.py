@@ -34,6 +34,10 @@ class ClientShard:
         return len(self.image_emb)
 
     @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.image_emb, self.caption_emb, self.caption_offsets, self.clusters))
+
+    @property
     def has_image(self) -> bool:
         return self.modality != TEXT_ONLY
 

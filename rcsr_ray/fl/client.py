@@ -167,6 +167,7 @@ class ClientWorker:
         # CPU seconds this worker's thread spent in client updates: set against a round's time, it
         # tells how much slower the same updates run on busy cores (benchmarks/round_overhead.py).
         self.update_cpu_s = 0.0
+        self.shard_reads = 0  # shards read from the feature store (again after `forget`)
 
     # Scratch models whose weights are swapped in per client, built on first use (only the methods
     # that need them do): personal adapters (on top of the shared ones' output), MOON's references.
@@ -183,6 +184,7 @@ class ClientWorker:
         if client not in self.shards:
             self.shards[client] = self.federation.shard(client)
             self.state[client] = {}
+            self.shard_reads += 1
         return self.shards[client]
 
     def forget(self, client: int) -> None:
