@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -163,7 +163,7 @@ class ClientActor:
             rows[c] = torch.from_numpy(deltas[r.rows[c]])
             results += run([c])
             ran.append(c)
-        self._keep_guests(worker, [c for c in ran if c not in self.home])
+        self._keep_guests(worker, ran)
         stashed = {}
         for u in results if rows else ():
             if isinstance(u, ClientUpdate) and (fields := _leave_in_row(u, rows[u.client_id])):
@@ -171,8 +171,11 @@ class ClientActor:
         return results, stashed
 
     def _keep_guests(self, worker: ClientWorker, ran: list[int]) -> None:
-        """Keep the data of the guests just run, dropping the least recently run beyond `guest_bytes`."""
+        """Keep the data of the guests among the clients just run, dropping the least recently run
+        guests beyond `guest_bytes`."""
         for c in ran:
+            if c in self.home:
+                continue
             self.guests.pop(c, None)
             if c in worker.shards:
                 self.guests[c] = worker.shards[c].nbytes
