@@ -71,7 +71,7 @@ def compare_rounds(cfg_cpu, cfg_gpu, rounds: int, profile: bool = False) -> dict
                     raise RuntimeError(f"round {r}: client {a.client_id} has a delta on one backend only")
                 if a.delta is not None:  # None: the client had nothing it could train on
                     gaps.append(relative_gap(a.delta, b.delta))
-            params, _ = strategy.aggregate(r, params, on_cpu)  # both go on from the CPU's state
+            params, _ = strategy.server_step(r, params, on_cpu)  # both go on from the CPU's state
 
         def describe(actor):
             return {"device": str(actor.worker.device) if actor.worker else None,

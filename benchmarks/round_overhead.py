@@ -157,7 +157,7 @@ class Run:
         sampled = self.strategy.sample(r, self.fed.num_clients)
         updates, _ = self.backend.train(self.strategy.broadcast(r, self.params), sampled,
                                         self.strategy.client_settings(r), self.cfg.seed, r)
-        self.params, _ = self.strategy.aggregate(r, self.params, updates)
+        self.params, _ = self.strategy.server_step(r, self.params, updates)
         self.times.append(time.perf_counter() - t)
 
     def update_cpu_s(self) -> float:

@@ -153,6 +153,9 @@ class RuntimeConfig:
     driver_cpus: float = 0.0
     clients_per_actor: int | None = None  # null = auto: one per actor while CPUs allow, else packed
     torch_threads: int = 1  # intra-op threads per client update (keeps results identical across backends)
+    # Intra-op threads of the server step (aggregation, router, prototypes): fixed, because its sums
+    # round differently with another count, and a process's default follows the machine's cores.
+    server_threads: int = 1
     round_timeout_s: float | None = None  # clients not done by then are dropped from the round (Ray backend)
     max_restarts: int = 3  # Ray restarts of a client actor that died or was killed for a timeout
     round_retries: int = 2  # a round where every client failed is retried this often, never aggregated
@@ -290,6 +293,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "runtime.driver_cpus": (_nonneg, "a number >= 0"),
     "runtime.clients_per_actor": (lambda v: v is None or v > 0, "a positive integer or null (auto)"),
     "runtime.torch_threads": (_positive, "a positive integer"),
+    "runtime.server_threads": (_positive, "a positive integer"),
     "runtime.round_timeout_s": (lambda v: v is None or v > 0, "a number of seconds > 0, or null"),
     "runtime.max_restarts": (lambda v: v >= -1, "an integer >= -1 (-1: unlimited)"),
     "runtime.round_retries": (_nonneg, "an integer >= 0"),

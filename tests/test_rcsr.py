@@ -268,3 +268,24 @@ def test_strategy_loaded_from_a_state_is_independent_of_its_source(small_config)
     assert loaded.router.router is not strategy.router.router and loaded.history.codes is not strategy.history.codes
     same, _ = loaded.aggregate(3, params, updates)
     assert torch.equal(same, ahead)
+
+
+def test_rcsr_gives_the_same_numbers_whatever_the_process_thread_count(small_config):
+    """The server step's sums (router, prototypes) round differently on another intra-op thread
+    count, and a process's default follows its machine's cores; the round loop pins the step to
+    runtime.server_threads, so a CLI run on many cores, a driver actor and a Tune trial on one core
+    agree. At this size the router's products split over threads (unpinned, these runs differ)."""
+    cfg = small_config(**{**S4, "fed.participation": 0.5, "partition.num_clients": 20, "data.synthetic.dim": 512,
+                          "fed.rounds": 3, "eval.every": 3})
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(run_simulation(cfg, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0].params, runs[1].params)
+    drop = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in runs[0].metrics] == [drop(r) for r in runs[1].metrics]
+    assert runs[0].metrics[-1]["router_loss"] == runs[1].metrics[-1]["router_loss"]

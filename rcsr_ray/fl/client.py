@@ -7,6 +7,7 @@ state (checkpointed), is on the CPU, so the server and checkpoints never see the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,17 @@ from rcsr_ray.data.federation import ClientShard
 from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.eval.retrieval import evaluate
 from rcsr_ray.models.adapters import AdapterPair, adapter_model, apply_adapters, flat_views, initial_params
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` inside the block, and back after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 # An update's cost apart from its size, in adapter passes of one image (`ClientSettings.update_cost`).
@@ -239,9 +251,7 @@ class ClientWorker:
                                                      self._embedded(shard, has_img, has_txt))
             return update
         start = own.get("params", state.params) if settings.mode == "local" else state.params
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(self.torch_threads)
-        try:
+        with torch_threads(self.torch_threads):
             g = torch.Generator().manual_seed(client_seed(seed, round_idx, client))
             loss, steps = self._train(start, state.params, shard, slots, anchors, settings, g, own)
             trained = self.model.flat.detach()
@@ -260,8 +270,6 @@ class ClientWorker:
                 if settings.report_prototypes:
                     update.prototypes = self._prototypes(shard, slots, settings.num_clusters, embedded)
                     update.geometry = self._geometry(update.delta, shard.num_images)
-        finally:
-            torch.set_num_threads(prev_threads)
         if settings.mode == "local":
             own["params"] = update.params = new
         return update

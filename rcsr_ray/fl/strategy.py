@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rcsr_ray.config import Config
-from rcsr_ray.fl.client import ClientSettings, ClientUpdate, GlobalState
+from rcsr_ray.fl.client import ClientSettings, ClientUpdate, GlobalState, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,13 @@ class FedAvg:
     def aggregate(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:
         ok = self.accepted(updates)
         return (self.apply(params, self.weights(ok), ok) if ok else params), self.round_metrics(ok)
+
+    def server_step(self, round_idx: int, params: torch.Tensor, updates: list[ClientUpdate]) -> tuple[torch.Tensor, dict]:
+        """`aggregate` on `runtime.server_threads` threads, as the round loop runs it: the same numbers
+        in any process on any machine (a CLI run, a driver actor, a Tune trial), and no idle
+        intra-op threads spinning beside the client workers."""
+        with torch_threads(self.cfg.runtime.server_threads):
+            return self.aggregate(round_idx, params, updates)
 
 
 class FedProx(FedAvg):

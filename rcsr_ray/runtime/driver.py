@@ -29,8 +29,8 @@ class DriverActor:
         self.lock = threading.Lock()
 
     def run(self, cfg: Config, out_dir: str | None, torch_threads: int, stop_after: int | None = None) -> RunResult:
-        # Server-side arithmetic (aggregation, router) rounds differently with another thread count:
-        # use the caller's, so that a run gives the same numbers here as in the caller's process.
+        # Evaluation rounds differently with another thread count (the server step pins its own,
+        # runtime.server_threads): the caller's, so that metrics match a run in the caller's process.
         torch.set_num_threads(torch_threads)
         return run_simulation(cfg, out_dir, progress=False, stop_after=stop_after,
                               on_round=self._row, on_progress=self._progress)

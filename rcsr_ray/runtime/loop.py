@@ -124,7 +124,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
             counts["completed_client_rounds"] += len(updates)
             counts["dropped_client_rounds"] += dropped
             if updates:
-                params, agg = strategy.aggregate(r, params, updates)
+                params, agg = strategy.server_step(r, params, updates)
             else:
                 agg = strategy.round_metrics([])
             agg["dropped_clients"] = dropped  # over every attempt, as summary.json and the metrics counter
