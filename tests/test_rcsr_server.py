@@ -151,7 +151,12 @@ def test_prototypes_gathered_once_give_what_the_dicts_give():
     b_text = {**clients[1], "text_sum": t([[0, 0], [1, 3]]), "text_count": t([0, 2])}
     again = [clients[0], b_text]
     reported = gathered.gather(again)
-    assert len(reported) == 2 and reported.sums["text"][1][1].dtype == torch.float64
+    text = reported.sums["text"]
+    assert len(reported) == 2 and text.sums.dtype == torch.float64
+    # Only the clusters with samples, by client: A's cluster 0, then B's cluster 1.
+    assert text.client.tolist() == [0, 1] and text.cluster.tolist() == [0, 1]
+    assert torch.equal(text.sums, torch.tensor([[0.0, 2.0], [1.0, 3.0]], dtype=torch.float64))
+    assert torch.equal(text.cluster_counts, torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64))
     for got, want in zip(gathered.pool_clients(reported), by_dicts.pool_clients(again)):
         assert torch.equal(got, want)
     assert torch.allclose(gathered.pool_clients(reported)[1][1], t([0.5, 1.5]))  # B's captions pooled: [1,3]/2
@@ -160,6 +165,54 @@ def test_prototypes_gathered_once_give_what_the_dicts_give():
     assert torch.equal(by_dicts.text, gathered.text) and torch.equal(by_dicts.global_align(), gathered.global_align())
     with pytest.raises(ValueError, match="3 weights"):
         gathered.update(reported, torch.ones(3))
+
+
+def _fused_by_loop(g, client_protos, weights, modality):
+    """GlobalPrototypes' fusion as a loop over the clients, in their order (its definition)."""
+    c = len(g.image)
+    num, uniform = torch.zeros(c, g.dim, dtype=torch.float64), torch.zeros(c, g.dim, dtype=torch.float64)
+    wsum, contributors = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for proto, w in zip(client_protos, weights):
+        if proto.get(f"{modality}_sum") is None:
+            continue
+        sums, counts = proto[f"{modality}_sum"].double(), proto[f"{modality}_count"].double()
+        has = counts > 0
+        mean = torch.where(has[:, None], sums / counts.clamp_min(1)[:, None], 0.0)
+        num += w * mean
+        wsum += torch.where(has, w, 0.0)
+        contributors += has.double()
+        uniform += mean
+    values = torch.where((wsum > 0)[:, None], num / wsum.clamp_min(1e-300)[:, None],
+                         uniform / contributors.clamp_min(1)[:, None])
+    return values, contributors > 0
+
+
+def test_fusion_over_rows_adds_clients_in_order_as_a_loop_does():
+    """The fusion sums each cluster's rows with index_add_, which must add them in the round's client
+    order: bit for bit what a loop over the clients gives, at a size where order shows in the bits."""
+    gen = torch.Generator().manual_seed(3)
+    k, c, dim = 40, 12, 64
+    g = GlobalPrototypes(num_clusters=c, dim=dim)
+    protos = []
+    for i in range(k):
+        proto = {}
+        for modality in ("image", "text"):
+            if (i + (modality == "text")) % 5 == 0:
+                proto[f"{modality}_sum"] = proto[f"{modality}_count"] = None  # lacks it
+                continue
+            counts = torch.randint(0, 4, (c,), generator=gen).float() * (torch.rand(c, generator=gen) < 0.4)
+            proto[f"{modality}_sum"] = torch.randn(c, dim, generator=gen) * counts[:, None]
+            proto[f"{modality}_count"] = counts
+        protos.append(proto)
+    weights = torch.rand(k, generator=gen, dtype=torch.float64)
+    weights[::7] = 0.0
+    weights /= weights.sum()
+    reported = g.gather(protos)
+    for modality in ("image", "text"):
+        values, contributed = g._fused(reported, weights, modality)
+        want, want_contributed = _fused_by_loop(g, protos, weights, modality)
+        assert torch.equal(contributed, want_contributed) and contributed.sum() > c // 2
+        assert torch.equal(values, want)
 
 
 def test_prototypes_state_dict_round_trip():

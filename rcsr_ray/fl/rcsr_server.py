@@ -80,15 +80,28 @@ def prototype_coherence(img_protos: torch.Tensor, txt_protos: torch.Tensor, mask
 
 
 @dataclass
-class RoundPrototypes:
-    """A round's client prototypes (`GlobalPrototypes.gather`): per modality, one (sums (C, dim),
-    counts (C,)) float64 pair per client in the round's order, None where the client lacks it; in
-    "global" granularity already folded to one cluster."""
+class ReportedRows:
+    """One modality's prototype sums of a round (`GlobalPrototypes.gather`), float64: only the
+    (client, cluster) rows with samples, in the round's client order and then cluster order, so that
+    sums over clients run in client order as a loop over them would; plus every client's counts per
+    cluster (zeros where it lacks the modality). In "global" granularity already folded to one cluster."""
 
-    sums: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]
+    client: torch.Tensor  # (n,) the row's client, its place in the round
+    cluster: torch.Tensor  # (n,)
+    sums: torch.Tensor  # (n, dim)
+    counts: torch.Tensor  # (n,) all > 0
+    cluster_counts: torch.Tensor  # (K, C)
+
+
+@dataclass
+class RoundPrototypes:
+    """A round's client prototypes per modality ("image", "text"), converted once for every step
+    that reads them (`pool_clients`, `update`)."""
+
+    sums: dict[str, ReportedRows]
 
     def __len__(self) -> int:
-        return len(self.sums["image"])
+        return len(self.sums["image"].cluster_counts)
 
 
 class GlobalPrototypes:
@@ -118,43 +131,54 @@ class GlobalPrototypes:
         return sums.sum(0, keepdim=True), counts.reshape(-1).sum(0, keepdim=True)
 
     def _client_sums(self, proto: dict, modality: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A client's sums (C, dim) and counts (C,) as sent, folded in float64 in "global"
+        granularity; None where it lacks the modality."""
         sums, counts = proto.get(f"{modality}_sum"), proto.get(f"{modality}_count")
         if sums is None or counts is None:
-            return None  # the client lacks this modality
-        sums = torch.as_tensor(sums, dtype=torch.float64).reshape(-1, self.dim)
-        counts = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+            return None
+        sums, counts = torch.as_tensor(sums).reshape(-1, self.dim), torch.as_tensor(counts).reshape(-1)
         if self.granularity == "global":
-            sums, counts = self.collapse(sums, counts)
+            sums, counts = self.collapse(sums.double(), counts.double())
         if len(sums) != len(self.image):
             raise ValueError(f"{modality} sums have {len(sums)} clusters, expected {len(self.image)}")
         return sums, counts
 
+    def _rows(self, client_protos: list[dict], modality: str) -> ReportedRows:
+        sent = [(i, got) for i, proto in enumerate(client_protos)
+                if (got := self._client_sums(proto, modality)) is not None]
+        cluster_counts = torch.zeros(len(client_protos), len(self.image), dtype=torch.float64)
+        if not sent:
+            empty = torch.zeros(0, dtype=torch.long)
+            return ReportedRows(empty, empty, torch.zeros(0, self.dim, dtype=torch.float64),
+                                torch.zeros(0, dtype=torch.float64), cluster_counts)
+        clients = torch.tensor([i for i, _ in sent])
+        counts = torch.stack([c.double() for _, (_, c) in sent])
+        cluster_counts[clients] = counts
+        has = counts > 0
+        at = has.nonzero()  # row-major: by client, then by cluster, as the selections below
+        # Only the rows with samples are converted (float32 to float64 is exact).
+        sums = torch.stack([s for _, (s, _) in sent])[has].double()
+        return ReportedRows(clients[at[:, 0]], at[:, 1], sums, counts[has], cluster_counts)
+
     def gather(self, client_protos: "list[dict] | RoundPrototypes") -> "RoundPrototypes":
-        """The round's client prototypes as float64 sums and counts per modality, converted once for
-        every step that reads them (`pool_clients`, `update`)."""
+        """The round's client prototypes as `RoundPrototypes`: what `pool_clients` and `update` read."""
         if isinstance(client_protos, RoundPrototypes):
             return client_protos
-        return RoundPrototypes({name: [self._client_sums(proto, name) for proto in client_protos]
-                                for name in ("image", "text")})
+        return RoundPrototypes({name: self._rows(client_protos, name) for name in ("image", "text")})
 
     def _fused(self, reported: "RoundPrototypes", weights: torch.Tensor, modality: str):
         """The w-weighted mean of client prototypes per cluster, weights renormalised over the clients
-        that have samples in that cluster. Returns (values (C, dim) float64, contributed (C,) bool)."""
+        that have samples in that cluster. Returns (values (C, dim) float64, contributed (C,) bool).
+        Each cluster's sums run over its clients in the round's order (index_add_ adds its rows in
+        order on the CPU), as a loop over the clients would."""
         c = len(self.image)
-        num = torch.zeros(c, self.dim, dtype=torch.float64)
-        wsum = torch.zeros(c, dtype=torch.float64)
-        contributors = torch.zeros(c, dtype=torch.float64)
-        uniform_num = torch.zeros(c, self.dim, dtype=torch.float64)
-        for got, w in zip(reported.sums[modality], weights):
-            if got is None:
-                continue
-            sums, counts = got
-            has = counts > 0
-            mean = torch.where(has[:, None], sums / counts.clamp_min(1)[:, None], 0.0)
-            num += w * mean
-            wsum += torch.where(has, w, 0.0)
-            contributors += has.double()
-            uniform_num += mean
+        rows = reported.sums[modality]
+        mean = rows.sums / rows.counts.clamp_min(1)[:, None]
+        w = weights[rows.client]
+        num = torch.zeros(c, self.dim, dtype=torch.float64).index_add_(0, rows.cluster, w[:, None] * mean)
+        wsum = torch.zeros(c, dtype=torch.float64).index_add_(0, rows.cluster, w)
+        contributors = torch.bincount(rows.cluster, minlength=c).double()
+        uniform_num = torch.zeros(c, self.dim, dtype=torch.float64).index_add_(0, rows.cluster, mean)
         contributed = contributors > 0
         # If every contributor to a cluster has weight 0, fall back to their plain mean rather than 0/0.
         values = torch.where((wsum > 0)[:, None], num / wsum.clamp_min(1e-300)[:, None],
@@ -218,26 +242,22 @@ class GlobalPrototypes:
         reported = self.gather(client_protos)
         k = len(reported)
         pooled = self.pooled()
-        protos = [torch.zeros(k, self.dim), torch.zeros(k, self.dim)]
-        has = torch.zeros(k, 2, dtype=torch.bool)
-        counts_of = [[None] * k, [None] * k]
+        protos, has = [], torch.zeros(k, 2, dtype=torch.bool)
         for col, name in ((IMAGE, "image"), (TEXT, "text")):
-            for i, got in enumerate(reported.sums[name]):
-                if got is None or not bool(got[1].sum() > 0):
-                    continue
-                sums, counts = got
-                protos[col][i] = (sums.sum(0) / counts.sum()).float()
-                has[i, col] = True
-                counts_of[col][i] = counts
+            rows = reported.sums[name]
+            totals = rows.cluster_counts.sum(1)
+            has[:, col] = totals > 0
+            sums = torch.zeros(k, self.dim, dtype=torch.float64).index_add_(0, rows.client, rows.sums)
+            protos.append((sums / totals.clamp_min(1e-300)[:, None]).float())
         for col, other, store in ((IMAGE, TEXT, self.image), (TEXT, IMAGE, self.text)):
-            seen, store = self.seen[:, col], store.double()
-            for i in (~has[:, col]).nonzero().flatten().tolist():
-                counts = counts_of[other][i]
-                if counts is not None and bool((counts * seen).sum() > 0):
-                    c = counts * seen
-                    protos[col][i] = ((c[:, None] * store).sum(0) / c.sum()).float()
-                else:
-                    protos[col][i] = pooled[col]
+            missing = (~has[:, col]).nonzero().flatten()
+            if not len(missing):
+                continue
+            # The other modality's counts over the clusters this one has a global prototype for.
+            c = reported.sums["image" if other == IMAGE else "text"].cluster_counts[missing] * self.seen[:, col]
+            total = c.sum(1)
+            filled = ((c[:, :, None] * store.double()).sum(1) / total.clamp_min(1e-300)[:, None]).float()
+            protos[col][missing] = torch.where((total > 0)[:, None], filled, pooled[col])
         return protos[IMAGE], protos[TEXT], has
 
     def client_view(self) -> dict[str, torch.Tensor]:
