@@ -220,8 +220,9 @@ def test_actor_gone_for_good_gets_no_more_clients(small_config, ray_session):
         ray.get(backend.actors[1].__ray_call__.remote(lambda a: setattr(a, "guest_bytes", budget)))
         backend.train(state, range(6), settings, seed, 3)
         reads, kept, held = reads_and_guests()
-        # Dropped at the end of each task: a guest run in a later chunk than the one kept is read again.
-        assert 6 <= reads <= 8 and len(kept) == 1 and held == sizes[kept[0]] <= budget
+        # Dropped at the end of each task (the first may run home clients only): each guest is read
+        # again at most once, unless it is the one kept when it runs.
+        assert 6 <= reads <= 9 and len(kept) == 1 and held == sizes[kept[0]] <= budget
         ray.get(backend.actors[1].__ray_call__.remote(lambda a: setattr(a, "guest_bytes", 0)))
         backend.train(state, range(6), settings, seed, 4)
         reads, kept, held = reads_and_guests()
