@@ -249,12 +249,12 @@ class GlobalPrototypes:
             has[:, col] = totals > 0
             sums = torch.zeros(k, self.dim, dtype=torch.float64).index_add_(0, rows.client, rows.sums)
             protos.append((sums / totals.clamp_min(1e-300)[:, None]).float())
-        for col, other, store in ((IMAGE, TEXT, self.image), (TEXT, IMAGE, self.text)):
+        for col, other, store in ((IMAGE, "text", self.image), (TEXT, "image", self.text)):
             missing = (~has[:, col]).nonzero().flatten()
             if not len(missing):
                 continue
             # The other modality's counts over the clusters this one has a global prototype for.
-            c = reported.sums["image" if other == IMAGE else "text"].cluster_counts[missing] * self.seen[:, col]
+            c = reported.sums[other].cluster_counts[missing] * self.seen[:, col]
             total = c.sum(1)
             filled = ((c[:, :, None] * store.double()).sum(1) / total.clamp_min(1e-300)[:, None]).float()
             protos[col][missing] = torch.where((total > 0)[:, None], filled, pooled[col])
