@@ -121,7 +121,7 @@ def ray_session():
     """One local Ray instance for all tests that need it, bound to 127.0.0.1, 2 CPUs, with a
     Prometheus metrics endpoint at http://127.0.0.1:<ray_session.metrics_port>/metrics and the GCS
     address for the state API in `ray_session.address`."""
-    ray = pytest.importorskip("ray")
+    import ray  # a dependency: if it cannot be imported, these tests fail rather than skip
     from rcsr_ray.runtime.connect import start_local_ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

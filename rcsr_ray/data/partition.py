@@ -229,10 +229,6 @@ class Partition:
     def modality_name(self, client: int) -> str:
         return MODALITY_NAMES[int(self.modality[client])]
 
-    def clients_with(self, modality: int) -> np.ndarray:
-        """Ids of clients with the given modality code."""
-        return np.flatnonzero(self.modality == modality)
-
 
 # --------------------------------------------------------------------------
 # Dirichlet partition
