@@ -17,7 +17,8 @@ TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsu
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("--preset", help="scenario preset S1..S4 (default S4); explicit keys override it")
+    p.add_argument("--preset", help="scenario preset S1..S4 (default: the --config file's, else S4); its keys beat the "
+                   "file's, key=value overrides beat both")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -61,23 +62,33 @@ def importing_meanwhile(module: str, fn, *args):
 
 
 def cmd_run(args) -> int:
+    from rcsr_ray.runtime.folder import claim
+
     cfg = _load(args)
     out = Path(args.out) if args.out else _default_out(cfg.fed.method)
+    claim(out, cfg)  # before Ray's start: a folder that cannot take this run fails at once
     print(f"rcsr-ray run: method={cfg.fed.method} preset={cfg.preset} clients={cfg.partition.num_clients} "
           f"rounds={cfg.fed.rounds} backend={cfg.runtime.backend} -> {out}", file=sys.stderr)
-    if cfg.runtime.backend == "ray":
-        from rcsr_ray.runtime.connect import ensure_ray
+    try:
+        if cfg.runtime.backend == "ray":
+            from rcsr_ray.runtime.connect import ensure_ray
 
-        # Ray's start (about 7 s on 2 cores, in its own processes) leaves a core idle part of the
-        # time; torch's import (2.5 s on one core), which the driver module needs, fills it.
-        importing_meanwhile("torch", ensure_ray, cfg)
-        from rcsr_ray.runtime.driver import run_on_ray
+            # Ray's start (about 7 s on 2 cores, in its own processes) leaves a core idle part of the
+            # time; torch's import (2.5 s on one core), which the driver module needs, fills it.
+            importing_meanwhile("torch", ensure_ray, cfg)
+            from rcsr_ray.runtime.driver import run_on_ray
 
-        result = run_on_ray(cfg, out, progress=not args.quiet)
-    else:
-        from rcsr_ray.runtime.loop import run_simulation
+            result = run_on_ray(cfg, out, progress=not args.quiet)
+        else:
+            from rcsr_ray.runtime.loop import run_simulation
 
-        result = run_simulation(cfg, out, progress=not args.quiet)
+            result = run_simulation(cfg, out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        kept = ("keeps its last checkpoint" if (out / "checkpoint.pt").is_file()
+                else f"has no checkpoint yet (one every {cfg.runtime.checkpoint_every} rounds)")
+        print(f"\nrcsr-ray: interrupted; {out} {kept}. Continue with: "
+              f"rcsr-ray run --config {out / 'config.yaml'} --out {out}", file=sys.stderr)
+        return 130
     print(results_table(result.summary))
     print(f"\n{result.summary['rounds']} rounds in {result.summary['seconds']:.1f} s; run folder: {out}")
     return 0
@@ -92,14 +103,21 @@ def cmd_compare(args) -> int:
     from rcsr_ray.runtime.compare import format_table, run_compare
 
     cfg = _load(args)
-    methods = _csv(args.methods)
+    methods = list(dict.fromkeys(_csv(args.methods)))  # each once, in the order given
+    if not methods:
+        raise ConfigError("--methods", args.methods, f"comma-separated methods from {', '.join(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise ConfigError("--methods", m, f"methods from {', '.join(METHODS)}")
-    try:
-        seeds = _csv(args.seeds, int)
-    except ValueError:
-        raise ConfigError("--seeds", args.seeds, "comma-separated integers") from None
+    if args.seeds is None:
+        seeds = [cfg.seed]  # the config's seed (seed=N, or the --config file's)
+    else:
+        try:
+            seeds = list(dict.fromkeys(_csv(args.seeds, int)))
+        except ValueError:
+            seeds = []
+        if not seeds or min(seeds) < 0:
+            raise ConfigError("--seeds", args.seeds, "comma-separated integers >= 0")
     out = Path(args.out) if args.out else _default_out("compare")
     frame = run_compare(cfg, methods, seeds, out, progress=not args.quiet)
     print(format_table(frame, methods))
@@ -150,7 +168,7 @@ def cmd_sweep(args) -> int:
           file=sys.stderr)
     table = run_sweep(spec, out, resume=args.resume, progress=not args.quiet)
     print(results_text(table))
-    print(f"\n{len(table)} trials; {out / 'results.csv'}, {out / 'report.md'}")
+    print(f"\n{len(table)} of {spec.num_trials} trials started; {out / 'results.csv'}, {out / 'report.md'}")
     if table.attrs["unfinished"]:
         print(f"rcsr-ray sweep: {table.attrs['unfinished']} of {spec.num_trials} trials failed or did not finish; "
               f"continue with: rcsr-ray sweep --out {out} --resume", file=sys.stderr)
@@ -184,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="several methods on the same partitions and seeds")
     _config_args(comp)
     comp.add_argument("--methods", required=True, help="comma-separated, e.g. fedavg,fedprox,rcsr")
-    comp.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     comp.add_argument("--out", help="folder (default runs/<time>-compare)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=cmd_compare)
@@ -230,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rcsr_ray.runtime.folder import RunFolderError
+
     try:
         return args.func(args)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, RunFolderError) as exc:
         print(f"rcsr-ray: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nrcsr-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

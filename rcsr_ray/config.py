@@ -234,6 +234,8 @@ def _unit(v):
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "preset": (lambda v: v is None or v in PRESETS, f"one of {', '.join(PRESETS)} or null"),
     "data.source": (lambda v: v in ("synthetic", "features"), "one of synthetic, features"),
+    "seed": (_nonneg, "an integer >= 0"),
+    "data.synthetic.seed": (_nonneg, "an integer >= 0"),
     "data.synthetic.train_images": (_positive, "a positive integer"),
     "data.synthetic.test_images": (_positive, "a positive integer"),
     "data.synthetic.captions_per_image": (_positive, "a positive integer"),
@@ -331,8 +333,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "a number")
         value = float(value)
-        if math.isnan(value):
-            raise ConfigError(key, value, "a number, not NaN")
+        if not math.isfinite(value):
+            raise ConfigError(key, value, "a finite number")
         return value
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
@@ -347,6 +349,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(key, value, "a string")
         return value
     return value
+
+
+def _unknown(key: str) -> str:
+    """What to say of an unknown key; a section given a value is named as one."""
+    inside = sorted(k for k in _known_keys() if k.startswith(key + "."))
+    if inside:
+        return f"a section, not a key: set the keys in it, e.g. {inside[0]}=..."
+    return "unknown key (see `rcsr-ray config` for the keys)"
 
 
 def _known_keys(cls=Config, prefix: str = "") -> dict[str, Any]:
@@ -398,7 +408,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
                 preset: str | None = None) -> Config:
     """Resolve a Config from defaults, a preset, a YAML file and overrides; validate every key."""
-    flat: dict[str, Any] = {}
+    file_flat: dict[str, Any] = {}
+    flat: dict[str, Any] = {}  # the overrides
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -409,26 +420,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError("--config", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError("--config", str(path), "a YAML mapping of config keys")
-        flat.update(_flatten(tree))
+        file_flat = _flatten(tree)
     if isinstance(overrides, dict):
         flat.update(overrides)
     else:
         for item in overrides or []:
             k, v = parse_override(item)
             flat[k] = v
-    if preset is not None:
-        flat["preset"] = preset
     known = _known_keys()
-    for key in flat:
+    for key in [*flat, *file_flat]:
         if key not in known:
-            raise ConfigError(key, flat[key], "unknown key (see `rcsr-ray config` for the keys)")
-    chosen = flat.get("preset", None)
-    if chosen is None and "preset" not in flat:
-        chosen = DEFAULT_PRESET
-    if chosen is not None:
-        if chosen not in PRESETS:
-            raise ConfigError("preset", chosen, _CHECKS["preset"][1])
-        flat = {**PRESETS[chosen], **flat, "preset": chosen}
+            raise ConfigError(key, {**file_flat, **flat}[key], _unknown(key))
+    if preset is not None:
+        # Named for this invocation: its keys beat the file's (a saved run's config.yaml sets every
+        # key, which would leave the named preset a label only); key=value overrides beat both.
+        if preset not in PRESETS:
+            raise ConfigError("preset", preset, _CHECKS["preset"][1])
+        flat = {**file_flat, **PRESETS[preset], **flat, "preset": preset}
+    else:
+        flat = {**file_flat, **flat}
+        chosen = flat.get("preset", None)
+        if chosen is None and "preset" not in flat:
+            chosen = DEFAULT_PRESET
+        if chosen is not None:
+            if chosen not in PRESETS:
+                raise ConfigError("preset", chosen, _CHECKS["preset"][1])
+            flat = {**PRESETS[chosen], **flat, "preset": chosen}
     for key, value in list(flat.items()):
         flat[key] = _coerce(key, value, known[key])
         check = _CHECKS.get(key)

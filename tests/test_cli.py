@@ -87,3 +87,37 @@ def test_too_many_clients_for_the_data_is_a_one_line_error(tmp_path, cache_dir, 
     assert code == 2
     assert re.fullmatch(r"rcsr-ray: config error: partition.num_clients=100: at most 37: \S+synthetic-\w+ has 600 "
                         r"training images and each client needs partition.min_samples=16", err[-1])
+
+
+def test_run_folder_that_cannot_take_the_run_is_a_one_line_error(tmp_path, cache_dir, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    assert main(["run", "--quiet", "--out", str(afile), *_args(cache_dir)]) == 2
+    assert capsys.readouterr().err.strip() == f"rcsr-ray: --out {afile}: a file, not a folder"
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 1})]) == 0
+    capsys.readouterr()
+    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 2})]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fed.rounds: 1 -> 2" in err[0]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1  # the run there is kept
+
+
+def test_interrupted_run_says_how_to_continue(tmp_path, cache_dir, capsys, monkeypatch):
+    import rcsr_ray.runtime.loop as loop
+
+    real = loop.run_simulation
+
+    def interrupted(cfg, out_dir, **kw):  # Ctrl-C once round 2 is checkpointed
+        with pytest.raises(loop.StopAfter):
+            real(cfg, out_dir, stop_after=2, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "run_simulation", interrupted)
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    hint = f"rcsr-ray run --config {out / 'config.yaml'} --out {out}"
+    assert err[-1] == f"rcsr-ray: interrupted; {out} keeps its last checkpoint. Continue with: {hint}"
+    monkeypatch.setattr(loop, "run_simulation", real)
+    assert main(hint.split()[1:] + ["--quiet"]) == 0  # the hint, as printed, finishes the run
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 3

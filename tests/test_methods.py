@@ -115,6 +115,19 @@ def test_compare_command(tmp_path, cache_dir, capsys):
     assert not a.equals(pd.read_csv(out / "fedavg-seed0" / "partition.csv"))
     assert (out / "compare.png").stat().st_size > 10_000
     assert main(["compare", "--methods", "fedavg,nope", *[f"{k}={v}" for k, v in keys.items()]]) == 2
+    for bad in (["--methods", ""], ["--methods", "fedavg", "--seeds", ""], ["--methods", "fedavg", "--seeds", "-1"]):
+        assert main(["compare", "--out", str(tmp_path / "bad"), *bad, *[f"{k}={v}" for k, v in keys.items()]]) == 2
+        assert capsys.readouterr().err.startswith("rcsr-ray: config error: --")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_compare_runs_each_method_once_on_the_configs_seed(tmp_path, cache_dir, capsys):
+    keys = {**SMALL, "data.cache_dir": cache_dir, "runtime.backend": "local", "fed.rounds": 1, "seed": 5}
+    out = tmp_path / "cmp"
+    assert main(["compare", "--quiet", "--methods", "zeroshot,fedavg,zeroshot", "--out", str(out),
+                 *[f"{k}={v}" for k, v in keys.items()]]) == 0
+    frame = pd.read_csv(out / "compare.csv")
+    assert list(zip(frame["method"], frame["seed"])) == [("zeroshot", 5), ("fedavg", 5)]
 
 
 def test_training_rounds_per_method(small_config):

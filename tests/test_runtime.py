@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from rcsr_ray.runtime import checkpoint
+from rcsr_ray.runtime.folder import RunFolderError
 from rcsr_ray.runtime.loop import StopAfter, run_simulation
 from tests.conftest import descendants, is_loopback, listening_sockets
 
@@ -47,18 +49,41 @@ def test_resume_is_bit_identical(small_config, tmp_path, method):
     with pytest.raises(StopAfter):
         run_simulation(small_config(**over), tmp_path / "cut", progress=False, stop_after=2)
     assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    cut_s = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["seconds"]
     resumed = run_simulation(small_config(**over), tmp_path / "cut", progress=False)
     assert torch.equal(whole.params, resumed.params)
     assert _drop_seconds(whole.metrics) == _drop_seconds(resumed.metrics)
+    # Wall seconds go on from the interrupted run's: rounds 3 and 4 come after rounds 1 and 2.
+    seconds = [r["seconds"] for r in resumed.metrics]
+    assert seconds == sorted(seconds) and resumed.summary["seconds"] > cut_s > 0
     assert whole.clients.equals(resumed.clients)  # personal adapters came back too
 
 
-def test_checkpoint_of_another_config_is_not_resumed(small_config, tmp_path):
+def test_folder_of_another_config_is_refused_and_left_as_it_was(small_config, tmp_path):
+    folder = tmp_path / "run"
     with pytest.raises(StopAfter):
-        run_simulation(small_config(), tmp_path / "run", progress=False, stop_after=2)
-    other = run_simulation(small_config(**{"train.lr": 5e-3}), tmp_path / "run", progress=False)
-    fresh = run_simulation(small_config(**{"train.lr": 5e-3}), progress=False)
-    assert torch.equal(other.params, fresh.params)
+        run_simulation(small_config(), folder, progress=False, stop_after=2)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert "config.yaml" in before  # written first: the folder says how to continue it
+    with pytest.raises(RunFolderError, match=r"train.lr: 0.001 -> 0.005\); continue it with "
+                                             r"`rcsr-ray run --config \S+config.yaml --out "):
+        run_simulation(small_config(**{"train.lr": 5e-3}), folder, progress=False)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    # Keys free to change on resume (the backend, faults, ...) do not count as another config.
+    resumed = run_simulation(small_config(**{"runtime.faults": "raise@9:0"}), folder, progress=False)
+    assert torch.equal(resumed.params, run_simulation(small_config(), progress=False).params)
+    with pytest.raises(RunFolderError, match="a file, not a folder"):
+        run_simulation(small_config(), folder / "summary.json", progress=False)
+
+
+def test_checkpoint_of_another_layout_is_not_resumed(small_config, tmp_path, monkeypatch):
+    with pytest.raises(StopAfter):
+        run_simulation(small_config(**ALL), tmp_path / "run", progress=False, stop_after=2)
+    monkeypatch.setattr(checkpoint, "FORMAT", checkpoint.FORMAT + 1)  # as after a change of what it holds
+    again = run_simulation(small_config(**ALL), tmp_path / "run", progress=False)
+    # Started afresh: with a fault-free run, a resume would be equal too; count the client rounds.
+    assert again.summary["completed_client_rounds"] == 3 * 6
+    assert torch.equal(again.params, run_simulation(small_config(**ALL), progress=False).params)
 
 
 def _federation_and_strategy(cfg):

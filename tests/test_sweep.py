@@ -239,7 +239,7 @@ def test_cli_sweep_concurrent_trials_then_resume_of_a_finished_sweep(ray_session
     printed = capsys.readouterr().out
     results = pd.read_csv(out / "results.csv")
     assert (results["rounds"] == 1).all() and (results["status"] == "done").all() and len(results) == 2
-    assert f"{results['mean_r1'][0]:.2f}" in printed and "2 trials;" in printed
+    assert f"{results['mean_r1'][0]:.2f}" in printed and "2 of 2 trials started;" in printed
     first, second = results.sort_values("trial_start").itertuples()
     assert second.trial_start < first.trial_end  # they overlapped
     assert main(["sweep", "--out", str(out), "--resume", "fed.rounds=2"]) == 2  # keys need --spec

@@ -15,31 +15,27 @@ from pathlib import Path
 import torch
 
 from rcsr_ray.config import Config
+from rcsr_ray.runtime.folder import results_config
 
 log = logging.getLogger(__name__)
 NAME = "checkpoint.pt"
 # Bumped whenever what a checkpoint holds changes shape (2: one flat AdamW state per personal
 # adapter set; RCSR's previous updates kept by the server), so an older file is not resumed wrongly.
 FORMAT = 2
-# Keys that may differ between the interrupted and the resumed invocation.
-_FREE = ("runtime.backend", "runtime.num_cpus", "runtime.address", "runtime.clients_per_actor",
-         "runtime.client_cpus", "runtime.faults", "runtime.round_timeout_s")
 
 
 def _identity(cfg: Config) -> dict:
-    d = cfg.to_dict()
-    for key in _FREE:
-        section, name = key.split(".")
-        d[section].pop(name, None)
-    return {"format": FORMAT, **d}
+    return {"format": FORMAT, **results_config(cfg)}
 
 
-def save(out_dir, cfg: Config, round_idx: int, params, rows, counts, strategy_state, client_state) -> Path:
+def save(out_dir, cfg: Config, round_idx: int, params, rows, counts, strategy_state, client_state,
+         seconds: float) -> Path:
+    """`seconds`: the run's wall time so far, which a resumed run goes on counting from."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{NAME}.tmp"
     torch.save({"config": _identity(cfg), "round": round_idx, "params": params, "rows": rows,
-                "counts": counts, "strategy": strategy_state, "clients": client_state}, tmp)
+                "counts": counts, "strategy": strategy_state, "clients": client_state, "seconds": seconds}, tmp)
     os.replace(tmp, out / NAME)
     return out / NAME
 

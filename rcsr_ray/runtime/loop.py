@@ -23,6 +23,7 @@ from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy, training_rounds
 from rcsr_ray.models.adapters import adapter_model, apply_adapters
 from rcsr_ray.runtime import checkpoint, rundir
+from rcsr_ray.runtime.folder import claim
 from rcsr_ray.runtime.backends import make_backend
 from rcsr_ray.runtime.metrics import RunMetrics
 
@@ -54,6 +55,11 @@ class GlobalEvaluator:
         return m
 
 
+def bar_postfix(row: dict) -> dict:
+    """What a progress bar shows of an evaluated round's metrics row."""
+    return {"mean_r1": f"{row['mean_r1']:.1f}", "loss": f"{row['train_loss']:.3f}"}
+
+
 def _mean_metrics(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -79,6 +85,8 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     metrics), for the rounds evaluated in this call; `on_progress(round)` after every round (a
     progress bar drawn by another process)."""
     t0 = time.perf_counter()
+    if out_dir is not None:
+        claim(Path(out_dir), cfg)
     store = open_store(cfg)
     federation = build_federation(cfg, store)
     inputs = store  # what the adapters read: cached features, or (blocks) the backbone's inputs
@@ -104,6 +112,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
         strategy.load_state_dict(ckpt["strategy"], copy_state=False)  # read from disk: nobody else holds it
         backend.load_client_state(ckpt["clients"])
         start = ckpt["round"] + 1
+        t0 -= ckpt.get("seconds", 0.0)  # wall seconds go on from the interrupted run's
         log.warning("resuming %s from round %d", out_dir, ckpt["round"])
     recorder = RunMetrics(run_name or "unnamed") \
         if backend is not None and backend.name == "ray" else None
@@ -136,7 +145,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                 else:
                     metrics = evaluator(params)
                 rows.append({"round": r, "seconds": time.perf_counter() - t0, **agg, **metrics})
-                bar.set_postfix(mean_r1=f"{metrics['mean_r1']:.1f}", loss=f"{agg['train_loss']:.3f}")
+                bar.set_postfix(bar_postfix(rows[-1]))
                 if on_round is not None:
                     on_round(rows[-1])
             if recorder is not None:
@@ -145,7 +154,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
                 recorder.round_done(r, time.perf_counter() - t_round, len(updates), dropped, agg)
             if out_dir is not None and (r % cfg.runtime.checkpoint_every == 0 or r in (stop_after, rounds)):
                 checkpoint.save(out_dir, cfg, r, params, rows, counts, strategy.state_dict(),
-                                backend.client_state())
+                                backend.client_state(), time.perf_counter() - t0)
             if on_progress is not None:
                 on_progress(r)
             if r == stop_after:
