@@ -128,6 +128,10 @@ def test_rcsr_run_writes_router_diagnostics(small_config, tmp_path):
     diag = pd.read_csv(tmp_path / "run" / "router.csv")
     assert set(diag.columns) >= {"round", "client", "fused_weight", "router_weight", "q"}
     assert diag.groupby("round")["fused_weight"].sum().between(0.999, 1.001).all()
+    # Modalities named as in clients.csv (paired, image-only, text-only), client by client.
+    named = pd.read_csv(tmp_path / "run" / "clients.csv").set_index("client")["modality"]
+    assert diag["modality"].tolist() == named[diag["client"]].tolist()
+    assert set(diag["modality"]) == {"paired", "image-only", "text-only"}
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert {"weight_entropy", "router_loss", "prototype_coherence"} <= set(metrics.columns)
     assert result.summary["method"] == "rcsr" and math.isfinite(result.summary["mean_r1"])

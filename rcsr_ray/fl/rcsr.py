@@ -8,6 +8,7 @@ import logging
 import torch
 
 from rcsr_ray.config import Config
+from rcsr_ray.data.partition import MODALITY_NAMES
 from rcsr_ray.fl.client import ClientSettings, ClientUpdate, GlobalState
 from rcsr_ray.fl.rcsr_server import (GlobalPrototypes, RouterTrainer, client_alignment, fuse_weights,
                                      minimax_update, prototype_coherence, weight_entropy)
@@ -138,7 +139,7 @@ class RCSR(FedAvg):
         metrics["weight_entropy"] = weight_entropy(w)
         metrics["prototype_coherence"] = prototype_coherence(img_p, txt_p, mask.bool())
         for wk, rk, u in zip(w.tolist(), router_w.tolist(), ok):
-            self.diagnostics.append({"round": round_idx, "client": u.client_id, "modality": u.modality,
+            self.diagnostics.append({"round": round_idx, "client": u.client_id, "modality": MODALITY_NAMES[u.modality],
                                      "fused_weight": wk, "router_weight": rk, "q": float(self.q[u.client_id]),
                                      "loss": u.loss})
         return params, metrics

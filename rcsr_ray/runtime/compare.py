@@ -7,6 +7,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from rcsr_ray.config import Config, with_overrides
+from rcsr_ray.eval.plots import pyplot
 from rcsr_ray.runtime.loop import run_simulation
 
 TABLE = (("mean_r1", "global R@1"), ("i2t_r1", "global i2t"), ("t2i_r1", "global t2i"),
@@ -46,11 +47,9 @@ def format_table(frame: pd.DataFrame, methods: list[str]) -> str:
 
 
 def plot_compare(frame: pd.DataFrame, methods: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     keys = [("mean_r1", "global (1k test)"), ("pers_mean_r1", "personalized (mean over clients)"),
             ("pers_worst10_r1", "personalized, worst 10%")]
@@ -66,7 +65,7 @@ def plot_compare(frame: pd.DataFrame, methods: list[str], path: Path) -> None:
     seeds = frame["seed"].nunique()
     ax.set_title(f"methods compared · preset {frame['preset'].iloc[0]} · {seeds} seed{'s' * (seeds > 1)} (± std)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(keys), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

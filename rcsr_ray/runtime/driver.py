@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from rcsr_ray.config import Config
 from rcsr_ray.fl.strategy import training_rounds
 from rcsr_ray.runtime.connect import ensure_ray
-from rcsr_ray.runtime.loop import RunResult, run_simulation
+from rcsr_ray.runtime.loop import RunResult, bar_postfix, run_simulation
 
 
 @ray.remote(max_concurrency=2)  # one thread runs the loop, the other answers progress polls
@@ -69,7 +69,7 @@ def run_on_ray(cfg: Config, out_dir: str | Path | None, progress: bool = True, p
             round_idx, rows = ray.get(driver.progress.remote(seen))
             seen += len(rows)
             if rows:
-                bar.set_postfix(mean_r1=f"{rows[-1]['mean_r1']:.1f}")
+                bar.set_postfix(bar_postfix(rows[-1]))
             bar.update(round_idx - bar.n)
             if done:
                 break

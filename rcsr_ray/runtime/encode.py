@@ -70,7 +70,7 @@ class EncodeReport:
         out = [f"encoded {self.encoded_images} images, {self.encoded_captions} captions; "
                f"skipped {self.skipped_images} images, {self.skipped_captions} empty captions, "
                f"dropped {self.dropped_captions} captions of skipped images"]
-        out += [f"  skipped: {e['path']} ({e['reason']})" for e in self.examples]
+        out += [f"  {e['path']}: {e['reason']}" for e in self.examples]  # an image skipped, or one caption
         if self.resumed_shards:
             out.append(f"resumed: {self.resumed_shards} shards were already encoded")
         return out + [self.throughput()]

@@ -9,12 +9,14 @@ import torch
 
 from rcsr_ray.config import Config, dump_yaml
 from rcsr_ray.data.partition import summary_frame
+from rcsr_ray.eval.plots import pyplot, save_round_plot
+from rcsr_ray.runtime.folder import CONFIG
 
 
 def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation,
               clients: pd.DataFrame, router_rows: list[dict] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
+    (out / CONFIG).write_text(dump_yaml(cfg))
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "metrics.csv", index=False)
     frame.to_parquet(out / "metrics.parquet", index=False)
@@ -29,21 +31,9 @@ def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: t
 
 
 def plot_curves(frame: pd.DataFrame, path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(8.4, 4.2), dpi=120)
     styles = {"i2t_r1": ("image→text R@1", "-", "C0"), "i2t_r5": ("image→text R@5", ":", "C0"),
               "t2i_r1": ("text→image R@1", "-", "C1"), "t2i_r5": ("text→image R@5", ":", "C1")}
     for key, (label, ls, color) in styles.items():
         ax.plot(frame["round"], frame[key], ls, color=color, marker="o", ms=3, label=label)
-    ax.set_xlabel("round (0 = zero-shot)")
-    ax.set_ylabel("recall (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_round_plot(fig, ax, "recall (%)", title, path)

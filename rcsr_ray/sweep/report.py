@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from rcsr_ray.config import ConfigError
+from rcsr_ray.eval.plots import pyplot, save_round_plot
 from rcsr_ray.sweep.spec import SPEC_FILE
 
 TRIALS_DIR = "trials"
@@ -115,17 +116,8 @@ def gain_tables(grids: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     return {m: g.sub(base) for m, g in grids.items() if m != BASELINE}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_heatmaps(grids: dict[str, pd.DataFrame], path: Path, title: str, diverging: bool = False) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(grids)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.4), dpi=120, squeeze=False)
     values = np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids.values()])
@@ -157,8 +149,7 @@ def plot_heatmaps(grids: dict[str, pd.DataFrame], path: Path, title: str, diverg
 
 def plot_round_curves(curves: pd.DataFrame, path: Path, title: str, metric: str = "mean_r1") -> None:
     """R@1 per round: each trial thin, the mean over a method's trials bold."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(8.4, 4.2), dpi=120)
     for i, (method, sub) in enumerate(curves.groupby("method", sort=False)):
         color = f"C{i % 10}"
         for _, trial in sub.groupby("trial_id"):
@@ -166,14 +157,7 @@ def plot_round_curves(curves: pd.DataFrame, path: Path, title: str, metric: str 
         mean = sub.groupby("round")[metric].mean()
         ax.plot(mean.index, mean.to_numpy(), color=color, lw=2, marker="o", ms=3,
                 label=f"{method} (mean of {sub['trial_id'].nunique()})")
-    ax.set_xlabel("round (0 = zero-shot)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_round_plot(fig, ax, f"{metric} (%)", title, path)
 
 
 def _md_table(frame: pd.DataFrame, index_name: str = "", fmt: str = "{:.2f}") -> str:
@@ -196,6 +180,8 @@ def results_text(table: pd.DataFrame) -> str:
     shown = [*table.attrs.get("keys", []), "status",
              *[c for c in ("mean_r1", "i2t_r1", "t2i_r1", "pers_mean_r1", "rounds", "seconds") if c in table]]
     view = _keys_as_text(table.set_index("trial_id")[shown], table.attrs.get("keys", []))
+    if "rounds" in view:  # a count: floats only because an unfinished trial has none
+        view["rounds"] = view["rounds"].map(lambda v: "-" if pd.isna(v) else f"{v:.0f}")
     return view.to_string(float_format=lambda v: f"{v:.2f}")
 
 
