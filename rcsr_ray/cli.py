@@ -62,11 +62,11 @@ def importing_meanwhile(module: str, fn, *args):
 
 
 def cmd_run(args) -> int:
-    from rcsr_ray.runtime.folder import claim
+    from rcsr_ray.runtime.folder import CONFIG, check, continue_command
 
     cfg = _load(args)
     out = Path(args.out) if args.out else _default_out(cfg.fed.method)
-    claim(out, cfg)  # before Ray's start: a folder that cannot take this run fails at once
+    check(out, cfg)  # before Ray's start: a folder that cannot take this run fails at once
     print(f"rcsr-ray run: method={cfg.fed.method} preset={cfg.preset} clients={cfg.partition.num_clients} "
           f"rounds={cfg.fed.rounds} backend={cfg.runtime.backend} -> {out}", file=sys.stderr)
     try:
@@ -84,10 +84,14 @@ def cmd_run(args) -> int:
 
             result = run_simulation(cfg, out, progress=not args.quiet)
     except KeyboardInterrupt:
-        kept = ("keeps its last checkpoint" if (out / "checkpoint.pt").is_file()
-                else f"has no checkpoint yet (one every {cfg.runtime.checkpoint_every} rounds)")
-        print(f"\nrcsr-ray: interrupted; {out} {kept}. Continue with: "
-              f"rcsr-ray run --config {out / 'config.yaml'} --out {out}", file=sys.stderr)
+        if not (out / CONFIG).is_file():
+            said = " before its first round: run the same command again"
+        elif (out / "checkpoint.pt").is_file():
+            said = f"; {out} keeps its last checkpoint; continue with: {continue_command(out)}"
+        else:
+            said = (f"; {out} has no checkpoint yet (one every {cfg.runtime.checkpoint_every} rounds); "
+                    f"start again with: {continue_command(out)}")
+        print(f"\nrcsr-ray: interrupted{said}", file=sys.stderr)
         return 130
     print(results_table(result.summary))
     print(f"\n{result.summary['rounds']} rounds in {result.summary['seconds']:.1f} s; run folder: {out}")

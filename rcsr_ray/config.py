@@ -1,6 +1,7 @@
 """Run configuration: dataclasses loaded from YAML, `key.sub=value` overrides, validation.
 
-Precedence, lowest first: dataclass defaults < preset < YAML file < command-line keys.
+Precedence, lowest first: dataclass defaults < the YAML file's preset (else S4) < YAML file <
+a preset named on the command line (`--preset`, or `preset=`) < the other command-line keys.
 Every field carries its meaning inline; `rcsr-ray config` prints the resolved tree.
 """
 from __future__ import annotations
@@ -431,6 +432,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     for key in [*flat, *file_flat]:
         if key not in known:
             raise ConfigError(key, {**file_flat, **flat}[key], _unknown(key))
+    if preset is None and flat.get("preset") is not None:
+        preset = flat["preset"]  # preset=S1 among the overrides names it as --preset does
     if preset is not None:
         # Named for this invocation: its keys beat the file's (a saved run's config.yaml sets every
         # key, which would leave the named preset a label only); key=value overrides beat both.

@@ -2,6 +2,7 @@
 import builtins
 import json
 import re
+import shlex
 import sys
 import threading
 
@@ -117,7 +118,21 @@ def test_interrupted_run_says_how_to_continue(tmp_path, cache_dir, capsys, monke
     assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     hint = f"rcsr-ray run --config {out / 'config.yaml'} --out {out}"
-    assert err[-1] == f"rcsr-ray: interrupted; {out} keeps its last checkpoint. Continue with: {hint}"
+    assert err[-1] == f"rcsr-ray: interrupted; {out} keeps its last checkpoint; continue with: {hint}"
     monkeypatch.setattr(loop, "run_simulation", real)
-    assert main(hint.split()[1:] + ["--quiet"]) == 0  # the hint, as printed, finishes the run
+    assert main(shlex.split(hint)[1:] + ["--quiet"]) == 0  # the hint, as printed, finishes the run
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3
+
+
+def test_a_failed_start_leaves_the_folder_free(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"partition.num_clients": 100})]) == 2
+    assert not out.exists()  # the federation could not be built: nothing written
+    (out / "config.yaml").parent.mkdir()  # as a run interrupted before its first checkpoint leaves it
+    (out / "config.yaml").write_text(yaml.safe_dump({"fed": {"rounds": 9}}))
+    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir)]) == 0  # nothing there to lose
+    assert yaml.safe_load((out / "config.yaml").read_text())["fed"]["rounds"] == 3
+    below = tmp_path / "afile" / "run"
+    below.parent.write_text("notes")
+    assert main(["run", "--quiet", "--out", str(below), *_args(cache_dir)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out {below}: {below.parent} is a file, not a folder")

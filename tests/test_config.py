@@ -76,6 +76,8 @@ def test_preset_named_on_the_command_line_beats_the_files_keys(tmp_path):
     assert cfg.partition.missing_rate == 0.25  # a key=value override beats the preset
     assert cfg.partition.num_clients == 7  # the file's other keys stay
     assert load_config(saved).preset == "S4" and load_config(saved).partition.alpha == 0.1
+    by_key = load_config(saved, ["preset=S1", "partition.missing_rate=0.25"])  # preset= names it as --preset
+    assert by_key == cfg
 
 
 def test_a_section_given_a_value_is_named_as_one():

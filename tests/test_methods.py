@@ -128,6 +128,13 @@ def test_compare_runs_each_method_once_on_the_configs_seed(tmp_path, cache_dir, 
                  *[f"{k}={v}" for k, v in keys.items()]]) == 0
     frame = pd.read_csv(out / "compare.csv")
     assert list(zip(frame["method"], frame["seed"])) == [("zeroshot", 5), ("fedavg", 5)]
+    capsys.readouterr()
+    # Again with more rounds: fedavg's folder holds the 1-round run, so nothing runs at all.
+    keys["fed.rounds"] = 2
+    assert main(["compare", "--quiet", "--methods", "central,fedavg", "--out", str(out),
+                 *[f"{k}={v}" for k, v in keys.items()]]) == 2
+    assert "fedavg-seed5: holds a run of another config (fed.rounds: 1 -> 2)" in capsys.readouterr().err
+    assert not (out / "central-seed5").exists()
 
 
 def test_training_rounds_per_method(small_config):

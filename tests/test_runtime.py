@@ -76,14 +76,29 @@ def test_folder_of_another_config_is_refused_and_left_as_it_was(small_config, tm
         run_simulation(small_config(), folder / "summary.json", progress=False)
 
 
-def test_checkpoint_of_another_layout_is_not_resumed(small_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bumped", [False, True])
+def test_checkpoint_of_another_layout_is_not_resumed(small_config, tmp_path, monkeypatch, caplog, bumped):
     with pytest.raises(StopAfter):
         run_simulation(small_config(**ALL), tmp_path / "run", progress=False, stop_after=2)
-    monkeypatch.setattr(checkpoint, "FORMAT", checkpoint.FORMAT + 1)  # as after a change of what it holds
-    again = run_simulation(small_config(**ALL), tmp_path / "run", progress=False)
-    # Started afresh: with a fault-free run, a resume would be equal too; count the client rounds.
-    assert again.summary["completed_client_rounds"] == 3 * 6
+    if bumped:  # as after a change of what a checkpoint holds
+        monkeypatch.setattr(checkpoint, "FORMAT", checkpoint.FORMAT + 1)
+    with caplog.at_level("WARNING", logger="rcsr_ray.runtime"):
+        again = run_simulation(small_config(**ALL), tmp_path / "run", progress=False)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert ("starting afresh" in said) == bumped and ("resuming" in said) != bumped
     assert torch.equal(again.params, run_simulation(small_config(**ALL), progress=False).params)
+
+
+def test_keys_that_do_not_change_results_may_change_on_resume(small_config, tmp_path, caplog):
+    over = {**ALL, "fed.rounds": 4}
+    whole = run_simulation(small_config(**over), tmp_path / "whole", progress=False)
+    with pytest.raises(StopAfter):
+        run_simulation(small_config(**over), tmp_path / "cut", progress=False, stop_after=2)
+    free = {"runtime.checkpoint_every": 1, "runtime.round_retries": 3, "runtime.max_restarts": 0,
+            "runtime.driver_cpus": 0.5, "data.cache_dir": str(small_config().data.cache_dir) + "/."}
+    with caplog.at_level("WARNING", logger="rcsr_ray.runtime"):
+        resumed = run_simulation(small_config(**over, **free), tmp_path / "cut", progress=False)
+    assert "resuming" in caplog.text and torch.equal(whole.params, resumed.params)
 
 
 def _federation_and_strategy(cfg):

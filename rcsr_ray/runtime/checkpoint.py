@@ -45,7 +45,9 @@ def load(out_dir, cfg: Config) -> dict | None:
     if not path.is_file():
         return None
     ckpt = torch.load(path, weights_only=False)  # our own file: it holds optimizer and router objects
-    if ckpt["config"] != _identity(cfg):
+    stored = ckpt["config"]  # keys freed since it was written are free for it too
+    if {"format": stored.get("format"), **results_config({k: v for k, v in stored.items() if k != "format"})} \
+            != _identity(cfg):
         log.warning("%s was written by another config or version; starting afresh", path)
         return None
     return ckpt

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from rcsr_ray.config import Config, with_overrides
 from rcsr_ray.eval.plots import pyplot
+from rcsr_ray.runtime.folder import check
 from rcsr_ray.runtime.loop import run_simulation
 
 TABLE = (("mean_r1", "global R@1"), ("i2t_r1", "global i2t"), ("t2i_r1", "global t2i"),
@@ -18,11 +19,13 @@ TABLE = (("mean_r1", "global R@1"), ("i2t_r1", "global i2t"), ("t2i_r1", "global
 
 def run_compare(base: Config, methods: list[str], seeds: list[int], out: Path, progress: bool = True) -> pd.DataFrame:
     """Every method x seed (the partition depends on the seed only, so methods share it)."""
+    runs = {(method, seed): with_overrides(base, {"fed.method": method, "seed": seed})
+            for seed in seeds for method in methods}
+    for (method, seed), cfg in runs.items():  # every run's folder, before the first run's work
+        check(out / f"{method}-seed{seed}", cfg)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    runs = [(m, s) for s in seeds for m in methods]
-    for method, seed in tqdm(runs, desc="compare", unit="run", disable=not progress):
-        cfg = with_overrides(base, {"fed.method": method, "seed": seed})
+    for (method, seed), cfg in tqdm(runs.items(), desc="compare", unit="run", disable=not progress):
         summary = run_simulation(cfg, out / f"{method}-seed{seed}", progress=False).summary
         zeroshot = summary.pop("zeroshot")
         rows.append({**summary, "zeroshot_mean_r1": zeroshot["mean_r1"]})

@@ -4,26 +4,34 @@ Light on imports (no torch): the CLI checks the folder before it starts Ray.
 """
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 from rcsr_ray.config import Config, ConfigError, _flatten, dump_yaml, load_config
 
 CONFIG = "config.yaml"
-# Keys that may differ between an interrupted run and the invocation that continues it.
-FREE = ("runtime.backend", "runtime.num_cpus", "runtime.address", "runtime.clients_per_actor",
-        "runtime.client_cpus", "runtime.faults", "runtime.round_timeout_s")
+# What a folder holds once a run there has results to lose: a checkpoint, or the finished run's files.
+RESULTS = ("checkpoint.pt", "summary.json", "final.pt")
+# Keys that may differ between an interrupted run and the invocation that continues it: where and
+# how it runs, not what it computes.
+FREE = ("data.cache_dir", "runtime.backend", "runtime.num_cpus", "runtime.address", "runtime.clients_per_actor",
+        "runtime.client_cpus", "runtime.driver_cpus", "runtime.faults", "runtime.round_timeout_s",
+        "runtime.max_restarts", "runtime.round_retries", "runtime.checkpoint_every")
 
 
 class RunFolderError(ValueError):
     """The folder asked for cannot take this run."""
 
 
-def results_config(cfg: Config) -> dict:
-    """What a run's results depend on: the config less the keys free to change on resume."""
-    d = cfg.to_dict()
+def results_config(tree: "Config | dict") -> dict:
+    """What a run's results depend on: the config (or its `to_dict` tree) less the keys free to
+    change on resume."""
+    d = tree.to_dict() if isinstance(tree, Config) else {k: dict(v) if isinstance(v, dict) else v
+                                                            for k, v in tree.items()}
     for key in FREE:
         section, name = key.split(".")
-        d[section].pop(name, None)
+        d.get(section, {}).pop(name, None)
     return d
 
 
@@ -33,25 +41,43 @@ def config_changes(old: Config, new: Config) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def claim(out: Path, cfg: Config) -> None:
-    """Make `out` this run's folder before any work: refuse a file, and a folder that holds a run of
-    another config (its files would be overwritten or, like router.csv, left beside this run's);
-    write config.yaml at once, so that an interrupted run's folder says how to continue it."""
+def check(out: Path, cfg: Config) -> None:
+    """Refuse `out` where it cannot take this run: a file (or a path below one), or a folder with
+    another config's results, which this run would overwrite or, like router.csv, leave beside its
+    own. Writes nothing: the CLI checks before it starts Ray."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out}: a file, not a folder")
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise RunFolderError(f"--out {out}: {'a file' if p == out else f'{p} is a file'}, not a folder")
+            break
     saved = out / CONFIG
-    if saved.is_file():
-        try:
-            theirs = load_config(saved)
-        except ConfigError as exc:
-            raise RunFolderError(f"--out {out}: holds a run whose {CONFIG} this version cannot read "
-                                 f"({exc}); choose another --out") from None
-        changes = config_changes(theirs, cfg)
-        if changes:
-            more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
-            raise RunFolderError(f"--out {out}: holds a run of another config ({'; '.join(changes[:3])}{more}); "
-                                 f"continue it with `rcsr-ray run --config {saved} --out {out}`, "
-                                 "or choose another --out")
+    if not saved.is_file() or not any((out / name).exists() for name in RESULTS):
+        return  # nothing to lose: a new folder, or one whose run stopped before its first checkpoint
+    try:
+        theirs = load_config(saved)
+    except ConfigError as exc:
+        raise RunFolderError(f"--out {out}: holds a run whose {CONFIG} this version cannot read "
+                             f"({exc}); choose another --out") from None
+    changes = config_changes(theirs, cfg)
+    if changes:
+        more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise RunFolderError(f"--out {out}: holds a run of another config ({'; '.join(changes[:3])}{more}); "
+                             f"continue it with `{continue_command(out)}`, or choose another --out")
+
+
+def claim(out: Path, cfg: Config) -> None:
+    """`check`, then write config.yaml (atomically: another process may be reading it), so that the
+    folder of a run interrupted from here on says how to continue it."""
+    check(out, cfg)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump_yaml(cfg))
+    tmp = out / f".{CONFIG}.{os.getpid()}.tmp"
+    tmp.write_text(dump_yaml(cfg))
+    os.replace(tmp, out / CONFIG)
+
+
+def continue_command(out: Path) -> str:
+    """The command that continues the run in `out`, quoted for a shell."""
+    out = str(out)
+    return f"rcsr-ray run --config {shlex.quote(os.path.join(out, CONFIG))} --out {shlex.quote(out)}"

@@ -23,7 +23,7 @@ from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy, training_rounds
 from rcsr_ray.models.adapters import adapter_model, apply_adapters
 from rcsr_ray.runtime import checkpoint, rundir
-from rcsr_ray.runtime.folder import claim
+from rcsr_ray.runtime.folder import check, claim
 from rcsr_ray.runtime.backends import make_backend
 from rcsr_ray.runtime.metrics import RunMetrics
 
@@ -86,7 +86,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     progress bar drawn by another process)."""
     t0 = time.perf_counter()
     if out_dir is not None:
-        claim(Path(out_dir), cfg)
+        check(Path(out_dir), cfg)  # before the work of setting up; the folder is written once that worked
     store = open_store(cfg)
     federation = build_federation(cfg, store)
     inputs = store  # what the adapters read: cached features, or (blocks) the backbone's inputs
@@ -114,6 +114,8 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
         start = ckpt["round"] + 1
         t0 -= ckpt.get("seconds", 0.0)  # wall seconds go on from the interrupted run's
         log.warning("resuming %s from round %d", out_dir, ckpt["round"])
+    if out_dir is not None:
+        claim(Path(out_dir), cfg)
     recorder = RunMetrics(run_name or "unnamed") \
         if backend is not None and backend.name == "ray" else None
     bar = tqdm(range(start, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress,
