@@ -207,6 +207,9 @@ def test_resume_runs_only_the_unfinished_trials(ray_session, cache_dir, tmp_path
     first = run_sweep(spec, out, progress=True, trainable=flaky)  # the bar must not break the pickled experiment
     assert first.set_index("partition.alpha")["status"].to_dict() == {0.1: "done", 1.0: "incomplete", 100: "done"}
     assert first.attrs["unfinished"] == 1
+    failed = first.set_index("partition.alpha").loc[1.0]
+    assert (f"- `{failed['trial_id']}`: RuntimeError: interrupted on purpose (`trials/{failed['trial_dir']}/error.txt`)"
+            in (out / "report.md").read_text().splitlines())
     before = first.set_index("trial_id")["trial_start"]
     with pytest.raises(ConfigError, match="--out.*add --resume"):
         run_sweep(spec, out, progress=False)
@@ -219,6 +222,7 @@ def test_resume_runs_only_the_unfinished_trials(ray_session, cache_dir, tmp_path
     assert calls.read_text().split() == ["0.1", "1.0", "100", "1.0"]  # only the failed trial ran again
     assert (final["status"] == "done").all() and len(final) == 3 and final["mean_r1"].notna().all()
     assert final.attrs["unfinished"] == 0
+    assert "Failed trials" not in (out / "report.md").read_text()
     kept = final.set_index("trial_id")["trial_start"]
     done_before = first.loc[first["status"] == "done", "trial_id"]
     assert (kept[done_before] == before[done_before]).all()

@@ -244,11 +244,24 @@ def write_sweep_report(sweep_dir: str | Path) -> pd.DataFrame:
     best = table.sort_values("mean_r1", ascending=False).set_index("trial_id")[shown]
     best = _keys_as_text(best, table.attrs["keys"])
     md += ["## Trials, best first", "", _md_table(best, "trial"), ""]
+    md += _failed_trials(sweep_dir, table)
     md += ["## Files", "", "- `results.csv`, `results.parquet`: one row per trial (swept keys, final metrics)"]
     md += [f"- ![{f}]({f})" for f in figures]
     md += ["- `trials/<trial>/run-<trial id>/`: each trial's run folder (metrics.csv, summary.json, ...)", ""]
     (sweep_dir / "report.md").write_text("\n".join(md))
     return table
+
+
+def _failed_trials(sweep_dir: Path, table: pd.DataFrame) -> list[str]:
+    """report.md lines naming each unfinished trial that raised: its error's last line and where
+    Tune put the whole traceback."""
+    lines = []
+    for row in table[table["status"] != "done"].itertuples():
+        error = sweep_dir / TRIALS_DIR / row.trial_dir / "error.txt"
+        if error.is_file():
+            last = next((t for t in reversed(error.read_text().splitlines()) if t.strip()), "").strip()
+            lines.append(f"- `{row.trial_id}`: {last} (`{error.relative_to(sweep_dir)}`)")
+    return ["## Failed trials (`--resume` runs them again)", "", *lines, ""] if lines else []
 
 
 def write_run_report(run_dir: str | Path) -> Path:
