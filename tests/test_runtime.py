@@ -76,6 +76,19 @@ def test_folder_of_another_config_is_refused_and_left_as_it_was(small_config, tm
         run_simulation(small_config(), folder / "summary.json", progress=False)
 
 
+def test_a_finished_run_can_be_extended_not_cut(small_config, tmp_path):
+    over = {**ALL, "fed.method": "rcsr", "partition.missing_rate": 0.5, "eval.every": 2}
+    whole = run_simulation(small_config(**over, **{"fed.rounds": 5}), progress=False)
+    run_simulation(small_config(**over), tmp_path / "run", progress=False)  # 3 rounds, evaluated at 2 and 3
+    longer = run_simulation(small_config(**over, **{"fed.rounds": 5}), tmp_path / "run", progress=False)
+    assert torch.equal(longer.params, whole.params) and longer.summary["mean_r1"] == whole.summary["mean_r1"]
+    # The same rows as the 5-round run, plus the first run's last round (3), kept.
+    assert [r["round"] for r in longer.metrics] == [0, 2, 3, 4, 5]
+    assert _drop_seconds([r for r in longer.metrics if r["round"] != 3]) == _drop_seconds(whole.metrics)
+    with pytest.raises(RunFolderError, match=r"fed.rounds: 5 -> 4, fewer: a run can be extended, not cut"):
+        run_simulation(small_config(**over, **{"fed.rounds": 4}), tmp_path / "run", progress=False)
+
+
 @pytest.mark.parametrize("bumped", [False, True])
 def test_checkpoint_of_another_layout_is_not_resumed(small_config, tmp_path, monkeypatch, caplog, bumped):
     with pytest.raises(StopAfter):

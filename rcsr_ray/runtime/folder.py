@@ -25,11 +25,11 @@ class RunFolderError(ValueError):
 
 
 def results_config(tree: "Config | dict") -> dict:
-    """What a run's results depend on: the config (or its `to_dict` tree) less the keys free to
-    change on resume."""
+    """What a run's rounds compute: the config (or its `to_dict` tree) less the keys free to change
+    on resume, and less fed.rounds, which says only how many there are (a run can be extended)."""
     d = tree.to_dict() if isinstance(tree, Config) else {k: dict(v) if isinstance(v, dict) else v
                                                             for k, v in tree.items()}
-    for key in FREE:
+    for key in (*FREE, "fed.rounds"):
         section, name = key.split(".")
         d.get(section, {}).pop(name, None)
     return d
@@ -60,6 +60,8 @@ def check(out: Path, cfg: Config) -> None:
         raise RunFolderError(f"--out {out}: holds a run whose {CONFIG} this version cannot read "
                              f"({exc}); choose another --out") from None
     changes = config_changes(theirs, cfg)
+    if cfg.fed.rounds < theirs.fed.rounds:
+        changes.insert(0, f"fed.rounds: {theirs.fed.rounds} -> {cfg.fed.rounds}, fewer: a run can be extended, not cut")
     if changes:
         more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
         raise RunFolderError(f"--out {out}: holds a run of another config ({'; '.join(changes[:3])}{more}); "

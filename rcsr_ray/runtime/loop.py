@@ -23,7 +23,7 @@ from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy, training_rounds
 from rcsr_ray.models.adapters import adapter_model, apply_adapters
 from rcsr_ray.runtime import checkpoint, rundir
-from rcsr_ray.runtime.folder import check, claim
+from rcsr_ray.runtime.folder import RunFolderError, check, claim
 from rcsr_ray.runtime.backends import make_backend
 from rcsr_ray.runtime.metrics import RunMetrics
 
@@ -104,9 +104,12 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
     counts = {"completed_client_rounds": 0, "dropped_client_rounds": 0}
     run_name = Path(out_dir).name if out_dir is not None else None
-    backend = make_backend(train_fed, cfg, run_name) if rounds else None
     start = 1
     ckpt = checkpoint.load(out_dir, cfg) if out_dir is not None and rounds else None
+    if ckpt is not None and ckpt["round"] > rounds:
+        raise RunFolderError(f"--out {out_dir}: its checkpoint is at round {ckpt['round']}, past "
+                             f"fed.rounds={rounds}: a run can be extended, not cut")
+    backend = make_backend(train_fed, cfg, run_name) if rounds else None
     if ckpt is not None:
         params, rows, counts = ckpt["params"], ckpt["rows"], ckpt["counts"]
         strategy.load_state_dict(ckpt["strategy"], copy_state=False)  # read from disk: nobody else holds it
