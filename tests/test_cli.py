@@ -96,12 +96,13 @@ def test_run_folder_that_cannot_take_the_run_is_a_one_line_error(tmp_path, cache
     assert main(["run", "--quiet", "--out", str(afile), *_args(cache_dir)]) == 2
     assert capsys.readouterr().err.strip() == f"rcsr-ray: --out {afile}: a file, not a folder"
     out = tmp_path / "run"
-    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 1})]) == 0
+    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 2})]) == 0
     capsys.readouterr()
-    assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 2})]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fed.rounds: 1 -> 2" in err[0]
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 1  # the run there is kept
+    for other, said in (({"train.lr": 0.005}, "train.lr: 0.001 -> 0.005"), ({"fed.rounds": 1}, "fed.rounds: 2 -> 1")):
+        assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 2, **other})]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2  # the run there is kept
 
 
 def test_interrupted_run_says_how_to_continue(tmp_path, cache_dir, capsys, monkeypatch):
