@@ -129,11 +129,11 @@ def test_compare_runs_each_method_once_on_the_configs_seed(tmp_path, cache_dir, 
     frame = pd.read_csv(out / "compare.csv")
     assert list(zip(frame["method"], frame["seed"])) == [("zeroshot", 5), ("fedavg", 5)]
     capsys.readouterr()
-    # Again with more rounds: fedavg's folder holds the 1-round run, so nothing runs at all.
-    keys["fed.rounds"] = 2
+    # Again with another learning rate: fedavg's folder holds the first run, so nothing runs at all.
+    keys["train.lr"] = 0.005
     assert main(["compare", "--quiet", "--methods", "central,fedavg", "--out", str(out),
                  *[f"{k}={v}" for k, v in keys.items()]]) == 2
-    assert "fedavg-seed5: holds a run of another config (fed.rounds: 1 -> 2)" in capsys.readouterr().err
+    assert "fedavg-seed5: holds a run of another config (train.lr: 0.001 -> 0.005)" in capsys.readouterr().err
     assert not (out / "central-seed5").exists()
 
 
