@@ -2,6 +2,7 @@
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -229,6 +230,32 @@ def test_resume_runs_only_the_unfinished_trials(ray_session, cache_dir, tmp_path
     # the retried trial equals a plain run of its config
     plain = run_simulation(spec.trial_config({"partition.alpha": 1.0}), progress=False)
     assert final.set_index("partition.alpha").loc[1.0, "mean_r1"] == plain.summary["mean_r1"]
+
+
+def test_interrupted_sweep_keeps_what_ran_and_resumes(ray_session, cache_dir, tmp_path, capfd, caplog):
+    """Ctrl-C (SIGINT to the driver) during the second of three trials: the finished trials stay,
+    Tune's own Tuner.restore hint is not shown (the CLI prints --resume), and --resume runs the rest."""
+    import signal
+
+    from rcsr_ray.sweep.runner import run_sweep, sweep_trial
+
+    driver, once = os.getpid(), tmp_path / "interrupted"
+
+    def interrupting(config, spec):  # runs in the trial's process; files are the only shared state
+        sweep_trial(config, spec)
+        if config["partition.alpha"] == 1.0 and not once.exists():
+            once.touch()
+            os.kill(driver, signal.SIGINT)
+            time.sleep(5)  # Tune stops the experiment meanwhile
+    spec = parse_spec({"config": _small(cache_dir, **{"runtime.backend": "local"}),
+                       "grid": {"partition.alpha": [0.1, 1.0, 100]}, "max_concurrent_trials": 1}, "interrupt-test")
+    out = tmp_path / "sweep"
+    first = run_sweep(spec, out, progress=False, trainable=interrupting)
+    said = capfd.readouterr().err + caplog.text  # Tune logs through Ray's loggers, which pytest captures
+    assert "Stop signal received" in said and "Resume experiment with" not in said
+    assert 1 <= first.attrs["unfinished"] and len(first) < 3 and (first["status"] == "done").any()
+    final = run_sweep(spec, out, resume=True, progress=False, trainable=interrupting)
+    assert len(final) == 3 and (final["status"] == "done").all() and final.attrs["unfinished"] == 0
 
 
 def test_cli_sweep_concurrent_trials_then_resume_of_a_finished_sweep(ray_session, cache_dir, tmp_path, capsys):

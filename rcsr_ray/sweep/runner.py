@@ -37,6 +37,15 @@ from rcsr_ray.sweep.spec import SPEC_FILE, SweepSpec, max_rounds, trial_actors
 
 log = logging.getLogger(__name__)
 
+
+class _WithoutTunesResumeHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)" after a Ctrl-C: `rcsr-ray sweep`
+    prints its own way to continue (--resume), which also checks the spec and reruns failed trials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
+
+
 def _numbers(row: dict, prefix: str = "") -> dict:
     """The numeric entries of a metrics row or summary (nested dicts flattened with a prefix)."""
     out = {}
@@ -183,7 +192,13 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, progress: 
             run_config=tune.RunConfig(storage_path=str(out), name=TRIALS_DIR, verbose=0,
                                       failure_config=tune.FailureConfig(fail_fast=spec.fail_fast),
                                       callbacks=[TrialLines(spec.num_trials, progress)]))
-    tuner.fit()
+    hint = _WithoutTunesResumeHint()
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(hint)
+    try:
+        tuner.fit()
+    finally:
+        tune_log.removeFilter(hint)
     table = write_sweep_report(out)
     # Errored trials, and trials an interruption (Ctrl-C) left pending or running, as saved in the
     # experiment state that --resume reads (the ResultGrid of an interrupted fit counts them as ended).
