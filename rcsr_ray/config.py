@@ -437,18 +437,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if preset is not None:
         # Named for this invocation: its keys beat the file's (a saved run's config.yaml sets every
         # key, which would leave the named preset a label only); key=value overrides beat both.
-        if preset not in PRESETS:
-            raise ConfigError("preset", preset, _CHECKS["preset"][1])
-        flat = {**file_flat, **PRESETS[preset], **flat, "preset": preset}
-    else:
-        flat = {**file_flat, **flat}
-        chosen = flat.get("preset", None)
-        if chosen is None and "preset" not in flat:
-            chosen = DEFAULT_PRESET
-        if chosen is not None:
-            if chosen not in PRESETS:
-                raise ConfigError("preset", chosen, _CHECKS["preset"][1])
-            flat = {**PRESETS[chosen], **flat, "preset": chosen}
+        below, above = file_flat, flat
+    else:  # the file's preset (null: none), else the default; below the file's keys
+        below, above = {}, {**file_flat, **flat}
+        preset = above.get("preset") if "preset" in above else DEFAULT_PRESET
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError("preset", preset, _CHECKS["preset"][1])
+    flat = {**below, **PRESETS.get(preset, {}), **above, "preset": preset}
     for key, value in list(flat.items()):
         flat[key] = _coerce(key, value, known[key])
         check = _CHECKS.get(key)

@@ -24,8 +24,10 @@ NAME = "checkpoint.pt"
 FORMAT = 2
 
 
-def _identity(cfg: Config) -> dict:
-    return {"format": FORMAT, **results_config(cfg)}
+def _identity(tree: dict, layout: int) -> dict:
+    """What must match for a checkpoint to be resumed: its layout and the config's results keys (a
+    stored identity is read through `results_config` again: keys freed since are free for it too)."""
+    return {**results_config(tree), "format": layout}
 
 
 def save(out_dir, cfg: Config, round_idx: int, params, rows, counts, strategy_state, client_state,
@@ -34,7 +36,7 @@ def save(out_dir, cfg: Config, round_idx: int, params, rows, counts, strategy_st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{NAME}.tmp"
-    torch.save({"config": _identity(cfg), "round": round_idx, "params": params, "rows": rows,
+    torch.save({"config": _identity(cfg.to_dict(), FORMAT), "round": round_idx, "params": params, "rows": rows,
                 "counts": counts, "strategy": strategy_state, "clients": client_state, "seconds": seconds}, tmp)
     os.replace(tmp, out / NAME)
     return out / NAME
@@ -45,9 +47,8 @@ def load(out_dir, cfg: Config) -> dict | None:
     if not path.is_file():
         return None
     ckpt = torch.load(path, weights_only=False)  # our own file: it holds optimizer and router objects
-    stored = ckpt["config"]  # keys freed since it was written are free for it too
-    if {"format": stored.get("format"), **results_config({k: v for k, v in stored.items() if k != "format"})} \
-            != _identity(cfg):
+    stored = ckpt["config"]
+    if _identity(stored, stored.get("format")) != _identity(cfg.to_dict(), FORMAT):
         log.warning("%s was written by another config or version; starting afresh", path)
         return None
     return ckpt

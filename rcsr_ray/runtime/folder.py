@@ -1,4 +1,4 @@
-"""A run's folder as `--out` names it: claimed before any work, refused when it holds another run.
+"""A run's folder as `--out` names it: checked before any work, refused when it holds another run.
 
 Light on imports (no torch): the CLI checks the folder before it starts Ray.
 """
@@ -24,11 +24,10 @@ class RunFolderError(ValueError):
     """The folder asked for cannot take this run."""
 
 
-def results_config(tree: "Config | dict") -> dict:
-    """What a run's rounds compute: the config (or its `to_dict` tree) less the keys free to change
-    on resume, and less fed.rounds, which says only how many there are (a run can be extended)."""
-    d = tree.to_dict() if isinstance(tree, Config) else {k: dict(v) if isinstance(v, dict) else v
-                                                            for k, v in tree.items()}
+def results_config(tree: dict) -> dict:
+    """What a run's rounds compute: a config's `to_dict` tree less the keys free to change on
+    resume, and less fed.rounds, which says only how many there are (a run can be extended)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
     for key in (*FREE, "fed.rounds"):
         section, name = key.split(".")
         d.get(section, {}).pop(name, None)
@@ -37,7 +36,7 @@ def results_config(tree: "Config | dict") -> dict:
 
 def config_changes(old: Config, new: Config) -> list[str]:
     """The keys on which `new` gives other results than `old`, as `key: old -> new`."""
-    a, b = _flatten(results_config(old)), _flatten(results_config(new))
+    a, b = (_flatten(results_config(c.to_dict())) for c in (old, new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
@@ -68,10 +67,9 @@ def check(out: Path, cfg: Config) -> None:
                              f"continue it with `{continue_command(out)}`, or choose another --out")
 
 
-def claim(out: Path, cfg: Config) -> None:
-    """`check`, then write config.yaml (atomically: another process may be reading it), so that the
-    folder of a run interrupted from here on says how to continue it."""
-    check(out, cfg)
+def write_config(out: Path, cfg: Config) -> None:
+    """Write config.yaml into `out` (a folder `check` passed), so that the folder of a run interrupted
+    from here on says how to continue it; atomically, as another process may be reading it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{CONFIG}.{os.getpid()}.tmp"

@@ -23,7 +23,7 @@ from rcsr_ray.fl.client import local_retrieval
 from rcsr_ray.fl.strategy import make_strategy, training_rounds
 from rcsr_ray.models.adapters import adapter_model, apply_adapters
 from rcsr_ray.runtime import checkpoint, rundir
-from rcsr_ray.runtime.folder import RunFolderError, check, claim
+from rcsr_ray.runtime.folder import RunFolderError, check, write_config
 from rcsr_ray.runtime.backends import make_backend
 from rcsr_ray.runtime.metrics import RunMetrics
 
@@ -118,7 +118,7 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
         t0 -= ckpt.get("seconds", 0.0)  # wall seconds go on from the interrupted run's
         log.warning("resuming %s from round %d", out_dir, ckpt["round"])
     if out_dir is not None:
-        claim(Path(out_dir), cfg)
+        write_config(Path(out_dir), cfg)
     recorder = RunMetrics(run_name or "unnamed") \
         if backend is not None and backend.name == "ray" else None
     bar = tqdm(range(start, rounds + 1), desc=f"{strategy.name}", unit="round", disable=not progress,
