@@ -1,6 +1,7 @@
 """The rcsr-ray command: a run folder with everything the README promises; the partition report."""
 import builtins
 import json
+import os
 import re
 import shlex
 import sys
@@ -12,6 +13,7 @@ import torch
 import yaml
 
 from rcsr_ray.cli import importing_meanwhile, main
+from rcsr_ray.runtime.folder import FolderLock
 from rcsr_ray.runtime.loop import METRIC_KEYS
 from tests.conftest import SMALL
 
@@ -103,6 +105,10 @@ def test_run_folder_that_cannot_take_the_run_is_a_one_line_error(tmp_path, cache
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2  # the run there is kept
+    with FolderLock(out):  # as a run still writing there holds it
+        assert main(["run", "--quiet", "--out", str(out), *_args(cache_dir, **{"fed.rounds": 2})]) == 2
+    assert capsys.readouterr().err.strip() == (f"rcsr-ray: --out {out}: another run (pid {os.getpid()}) is writing "
+                                               "to it; wait until it ends, or choose another --out")
 
 
 def test_interrupted_run_says_how_to_continue(tmp_path, cache_dir, capsys, monkeypatch):

@@ -2,7 +2,10 @@
 import contextlib
 import ipaddress
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from rcsr_ray.runtime import checkpoint
-from rcsr_ray.runtime.folder import RunFolderError
+from rcsr_ray.runtime.folder import LOCK, FolderLock, RunFolderError
 from rcsr_ray.runtime.loop import StopAfter, run_simulation
 from tests.conftest import descendants, is_loopback, listening_sockets
 
@@ -74,6 +77,32 @@ def test_folder_of_another_config_is_refused_and_left_as_it_was(small_config, tm
     assert torch.equal(resumed.params, run_simulation(small_config(), progress=False).params)
     with pytest.raises(RunFolderError, match="a file, not a folder"):
         run_simulation(small_config(), folder / "summary.json", progress=False)
+
+
+def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(small_config, tmp_path):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from rcsr_ray.runtime.folder import FolderLock\n"
+                               "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+                               str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match=rf"--out {folder}: another run \(pid {holder.pid}\) is writing "
+                                                 r"to it; wait until it ends, or choose another --out"):
+            run_simulation(small_config(), folder, progress=False)
+        assert [f.name for f in folder.iterdir()] == [LOCK]  # the refused run wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no clean release: the kernel drops the lock with the process
+        holder.wait()
+    assert (folder / LOCK).exists()
+    done = run_simulation(small_config(), folder, progress=False)
+    assert torch.equal(done.params, run_simulation(small_config(), progress=False).params)
+    assert not (folder / LOCK).exists() and (folder / "summary.json").exists()
+    # In one process too (flock locks an open file, not a process), and a made folder goes on release.
+    with FolderLock(tmp_path / "new"):
+        with pytest.raises(RunFolderError, match=rf"another run \(pid {os.getpid()}\)"):
+            FolderLock(tmp_path / "new").acquire()
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_finished_run_can_be_extended_not_cut(small_config, tmp_path):

@@ -4,6 +4,7 @@ Light on imports (no torch): the CLI checks the folder before it starts Ray.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from rcsr_ray.config import Config, ConfigError, _flatten, dump_yaml, load_config
 
 CONFIG = "config.yaml"
+LOCK = ".rcsr-ray.lock"  # held by the run writing the folder (`FolderLock`)
 # What a folder holds once a run there has results to lose: a checkpoint, or the finished run's files.
 RESULTS = ("checkpoint.pt", "summary.json", "final.pt")
 # Keys that may differ between an interrupted run and the invocation that continues it: where and
@@ -50,6 +52,8 @@ def check(out: Path, cfg: Config) -> None:
             if not p.is_dir():
                 raise RunFolderError(f"--out {out}: {'a file' if p == out else f'{p} is a file'}, not a folder")
             break
+    if (out / LOCK).exists():
+        FolderLock(out).acquire().release()  # refused while another run holds it
     saved = out / CONFIG
     if not saved.is_file() or not any((out / name).exists() for name in RESULTS):
         return  # nothing to lose: a new folder, or one whose run stopped before its first checkpoint
@@ -81,3 +85,66 @@ def continue_command(out: Path) -> str:
     """The command that continues the run in `out`, quoted for a shell."""
     out = str(out)
     return f"rcsr-ray run --config {shlex.quote(os.path.join(out, CONFIG))} --out {shlex.quote(out)}"
+
+
+class FolderLock:
+    """Held by the run that writes a folder, from its checkpoint and config.yaml to its results: a
+    second run started on the same --out is refused, instead of interleaving its checkpoints and
+    results with the first's. An flock on OUT/.rcsr-ray.lock, which names the holder's pid for the
+    message; the kernel drops it when the holding process ends, however it ends, and a release
+    removes the file (and the folder, when acquiring made it and nothing else was written)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out / LOCK
+        self.fd: int | None = None
+        self.made_folder = False
+
+    def acquire(self) -> "FolderLock":
+        if not self.out.is_dir():
+            self.out.mkdir(parents=True)
+            self.made_folder = True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                self._remove_made_folder()
+                raise RunFolderError(f"--out {self.out}: another run (pid {holder}) is writing to it; "
+                                     "wait until it ends, or choose another --out") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the previous holder removed the file we opened: lock the one there now
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        # Removed while still locked, so nobody can lock this file after the release.
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        self._remove_made_folder()
+
+    def _remove_made_folder(self) -> None:
+        if self.made_folder:
+            try:
+                self.out.rmdir()  # only while empty: nothing of a run is lost
+            except OSError:
+                pass
+            self.made_folder = False
