@@ -147,7 +147,8 @@ def pfl_seconds(workers: int, rounds: int, warmup: int, pfl_path: Path) -> float
     else:  # torchrun's static rendezvous, on loopback only
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(workers),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *script]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pfl_path), str(HERE), os.environ.get("PYTHONPATH", "")]),
+    path = [str(pfl_path), str(HERE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"workers"')]
@@ -192,6 +193,8 @@ def main() -> None:
     ap.add_argument("--install-pfl", action="store_true", help="install pfl-research there first (from PyPI)")
     ap.add_argument("--pfl-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warmup < 1:  # pfl's first round also holds its set-up and an evaluation of round 0
+        ap.error(f"--warmup must be at least 1, got {args.warmup}")
     if args.rounds <= args.warmup:
         ap.error(f"--rounds ({args.rounds}) must exceed --warmup ({args.warmup})")
     if args.repeats < 1:

@@ -95,7 +95,14 @@ def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(small_co
         holder.send_signal(signal.SIGKILL)  # no clean release: the kernel drops the lock with the process
         holder.wait()
     assert (folder / LOCK).exists()
-    done = run_simulation(small_config(), folder, progress=False)
+    held = []
+
+    def during(r):  # the run holds the lock while it writes the folder
+        held.append(FolderLock(folder).holder())
+        with pytest.raises(RunFolderError, match=rf"another run \(pid {os.getpid()}\)"):
+            FolderLock(folder).acquire()
+    done = run_simulation(small_config(), folder, progress=False, on_progress=during)
+    assert held == [str(os.getpid())] * 3
     assert torch.equal(done.params, run_simulation(small_config(), progress=False).params)
     assert not (folder / LOCK).exists() and (folder / "summary.json").exists()
     # In one process too (flock locks an open file, not a process), and a made folder goes on release.
@@ -103,6 +110,25 @@ def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(small_co
         with pytest.raises(RunFolderError, match=rf"another run \(pid {os.getpid()}\)"):
             FolderLock(tmp_path / "new").acquire()
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_finished_in_the_folder_during_setup_is_not_overwritten(small_config, tmp_path, monkeypatch):
+    """The folder is checked again once locked: another config's run may have written it while this
+    one was setting up (after its first check)."""
+    import rcsr_ray.runtime.loop as loop
+
+    folder, real_open = tmp_path / "run", loop.open_store
+    others = []
+
+    def open_store(cfg):
+        if cfg.train.lr == 1e-3 and not others:  # this run's setup: another config runs to the end meanwhile
+            others.append(run_simulation(small_config(**{"train.lr": 5e-3}), folder, progress=False))
+        return real_open(cfg)
+    monkeypatch.setattr(loop, "open_store", open_store)
+    with pytest.raises(RunFolderError, match=r"holds a run of another config \(train.lr: 0.005 -> 0.001\)"):
+        run_simulation(small_config(), folder, progress=False)
+    assert torch.equal(torch.load(folder / "final.pt")["params"], others[0].params)  # kept
+    assert not (folder / LOCK).exists()
 
 
 def test_a_finished_run_can_be_extended_not_cut(small_config, tmp_path):

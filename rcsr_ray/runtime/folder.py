@@ -42,18 +42,19 @@ def config_changes(old: Config, new: Config) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def check(out: Path, cfg: Config) -> None:
-    """Refuse `out` where it cannot take this run: a file (or a path below one), or a folder with
-    another config's results, which this run would overwrite or, like router.csv, leave beside its
-    own. Writes nothing: the CLI checks before it starts Ray."""
+def check(out: Path, cfg: Config, locked: bool = False) -> None:
+    """Refuse `out` where it cannot take this run: a file (or a path below one), a folder another
+    run is writing to (unless `locked`: this run holds the lock), or a folder with another config's
+    results, which this run would overwrite or, like router.csv, leave beside its own. Writes
+    nothing: the CLI checks before it starts Ray."""
     out = Path(out)
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise RunFolderError(f"--out {out}: {'a file' if p == out else f'{p} is a file'}, not a folder")
             break
-    if (out / LOCK).exists():
-        FolderLock(out).acquire().release()  # refused while another run holds it
+    if not locked and (holder := FolderLock(out).holder()) is not None:
+        raise FolderLock.busy(out, holder)
     saved = out / CONFIG
     if not saved.is_file() or not any((out / name).exists() for name in RESULTS):
         return  # nothing to lose: a new folder, or one whose run stopped before its first checkpoint
@@ -91,29 +92,56 @@ class FolderLock:
     """Held by the run that writes a folder, from its checkpoint and config.yaml to its results: a
     second run started on the same --out is refused, instead of interleaving its checkpoints and
     results with the first's. An flock on OUT/.rcsr-ray.lock, which names the holder's pid for the
-    message; the kernel drops it when the holding process ends, however it ends, and a release
-    removes the file (and the folder, when acquiring made it and nothing else was written)."""
+    message. The kernel drops it when the holding process ends, however it ends (the file stays
+    then, unlocked, until the next run there removes it); a release removes the file, and the
+    folder when acquiring made it and nothing else was written."""
 
     def __init__(self, out: Path):
-        self.out = Path(out)
-        self.path = self.out / LOCK
+        self.out = Path(out)  # as named, for messages
+        self.path = self.out.resolve() / LOCK  # the same file whatever the working directory later
         self.fd: int | None = None
+        self.owner: int | None = None  # the pid that acquired it: a forked child must not release it
         self.made_folder = False
 
+    @staticmethod
+    def busy(out: Path, holder: str) -> RunFolderError:
+        return RunFolderError(f"--out {out}: another run (pid {holder}) is writing to it; "
+                              "wait until it ends, or choose another --out")
+
+    def holder(self) -> str | None:
+        """The pid of the run holding the lock now, else None; takes nothing and writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file, or none this user may read (acquiring will say so)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)  # also lets go of the shared lock, if it was had
+        return None
+
     def acquire(self) -> "FolderLock":
-        if not self.out.is_dir():
-            self.out.mkdir(parents=True)
-            self.made_folder = True
+        folder = self.path.parent
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not folder.is_dir():
+                try:
+                    folder.mkdir(parents=True)
+                    self.made_folder = True
+                except FileExistsError:
+                    pass  # another run made it meanwhile
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue  # the folder went meanwhile (another run's release removed it empty)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 self._remove_made_folder()
-                raise RunFolderError(f"--out {self.out}: another run (pid {holder}) is writing to it; "
-                                     "wait until it ends, or choose another --out") from None
+                raise self.busy(self.out, holder) from None
             try:
                 current = os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -123,7 +151,7 @@ class FolderLock:
             os.close(fd)  # the previous holder removed the file we opened: lock the one there now
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+        self.fd, self.owner = fd, os.getpid()
         return self
 
     def __enter__(self) -> "FolderLock":
@@ -133,7 +161,7 @@ class FolderLock:
         self.release()
 
     def release(self) -> None:
-        if self.fd is None:
+        if self.fd is None or self.owner != os.getpid():
             return
         # Removed while still locked, so nobody can lock this file after the release.
         self.path.unlink(missing_ok=True)
@@ -144,7 +172,7 @@ class FolderLock:
     def _remove_made_folder(self) -> None:
         if self.made_folder:
             try:
-                self.out.rmdir()  # only while empty: nothing of a run is lost
+                self.path.parent.rmdir()  # only while empty: nothing of a run is lost
             except OSError:
                 pass
             self.made_folder = False

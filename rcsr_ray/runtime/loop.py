@@ -107,6 +107,8 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     run_name = Path(out_dir).name if out_dir is not None else None
     # From here until its results are written, this run is the folder's only writer.
     with FolderLock(Path(out_dir)) if out_dir is not None else contextlib.nullcontext():
+        if out_dir is not None:
+            check(Path(out_dir), cfg, locked=True)  # again: another run may have written it meanwhile
         start = 1
         ckpt = checkpoint.load(out_dir, cfg) if out_dir is not None and rounds else None
         if ckpt is not None and ckpt["round"] > rounds:
