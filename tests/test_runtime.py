@@ -112,22 +112,24 @@ def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(small_co
     assert not (tmp_path / "new").exists()
 
 
-def test_a_run_that_finished_in_the_folder_during_setup_is_not_overwritten(small_config, tmp_path, monkeypatch):
-    """The folder is checked again once locked: another config's run may have written it while this
-    one was setting up (after its first check)."""
+def test_a_run_started_during_another_runs_setup_is_refused(small_config, tmp_path, monkeypatch):
+    """The lock is taken before the folder is checked and held through setup: a run of another config
+    started meanwhile cannot finish there and leave this one to overwrite it (or be overwritten)."""
     import rcsr_ray.runtime.loop as loop
 
     folder, real_open = tmp_path / "run", loop.open_store
-    others = []
+    refused = []
 
     def open_store(cfg):
-        if cfg.train.lr == 1e-3 and not others:  # this run's setup: another config runs to the end meanwhile
-            others.append(run_simulation(small_config(**{"train.lr": 5e-3}), folder, progress=False))
+        if cfg.train.lr == 1e-3 and not refused:  # this run's setup: another config tries to run there
+            with pytest.raises(RunFolderError, match=rf"another run \(pid {os.getpid()}\) is writing to it"):
+                run_simulation(small_config(**{"train.lr": 5e-3}), folder, progress=False)
+            refused.append(sorted(f.name for f in folder.iterdir()))
         return real_open(cfg)
     monkeypatch.setattr(loop, "open_store", open_store)
-    with pytest.raises(RunFolderError, match=r"holds a run of another config \(train.lr: 0.005 -> 0.001\)"):
-        run_simulation(small_config(), folder, progress=False)
-    assert torch.equal(torch.load(folder / "final.pt")["params"], others[0].params)  # kept
+    done = run_simulation(small_config(), folder, progress=False)
+    assert refused == [[LOCK]]  # the other run wrote nothing
+    assert torch.equal(torch.load(folder / "final.pt")["params"], done.params)
     assert not (folder / LOCK).exists()
 
 

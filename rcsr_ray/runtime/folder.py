@@ -48,11 +48,7 @@ def check(out: Path, cfg: Config, locked: bool = False) -> None:
     results, which this run would overwrite or, like router.csv, leave beside its own. Writes
     nothing: the CLI checks before it starts Ray."""
     out = Path(out)
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise RunFolderError(f"--out {out}: {'a file' if p == out else f'{p} is a file'}, not a folder")
-            break
+    _refuse_files(out)
     if not locked and (holder := FolderLock(out).holder()) is not None:
         raise FolderLock.busy(out, holder)
     saved = out / CONFIG
@@ -72,6 +68,15 @@ def check(out: Path, cfg: Config, locked: bool = False) -> None:
                              f"continue it with `{continue_command(out)}`, or choose another --out")
 
 
+def _refuse_files(out: Path) -> None:
+    """Refuse `out` when it, or a folder it would go in, is a file."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise RunFolderError(f"--out {out}: {'a file' if p == out else f'{p} is a file'}, not a folder")
+            return
+
+
 def write_config(out: Path, cfg: Config) -> None:
     """Write config.yaml into `out` (a folder `check` passed), so that the folder of a run interrupted
     from here on says how to continue it; atomically, as another process may be reading it."""
@@ -89,8 +94,8 @@ def continue_command(out: Path) -> str:
 
 
 class FolderLock:
-    """Held by the run that writes a folder, from its checkpoint and config.yaml to its results: a
-    second run started on the same --out is refused, instead of interleaving its checkpoints and
+    """Held by the run that writes a folder, from its check of the folder (before any setup) to its
+    results: a second run started on the same --out is refused, instead of interleaving its checkpoints and
     results with the first's. An flock on OUT/.rcsr-ray.lock, which names the holder's pid for the
     message. The kernel drops it when the holding process ends, however it ends (the file stays
     then, unlocked, until the next run there removes it); a release removes the file, and the
@@ -117,12 +122,13 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            return _pid_in(fd)
         finally:
             os.close(fd)  # also lets go of the shared lock, if it was had
         return None
 
     def acquire(self) -> "FolderLock":
+        _refuse_files(self.out)
         folder = self.path.parent
         while True:
             if not folder.is_dir():
@@ -138,7 +144,7 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                holder = _pid_in(fd)
                 os.close(fd)
                 self._remove_made_folder()
                 raise self.busy(self.out, holder) from None
@@ -176,3 +182,8 @@ class FolderLock:
             except OSError:
                 pass
             self.made_folder = False
+
+
+def _pid_in(fd: int) -> str:
+    """The pid a lock file's holder wrote into it ("?" before it wrote it)."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"

@@ -86,29 +86,27 @@ def run_simulation(cfg: Config, out_dir: str | Path | None = None, progress: boo
     metrics), for the rounds evaluated in this call; `on_progress(round)` after every round (a
     progress bar drawn by another process)."""
     t0 = time.perf_counter()
-    if out_dir is not None:
-        check(Path(out_dir), cfg)  # before the work of setting up; the folder is written once that worked
-    store = open_store(cfg)
-    federation = build_federation(cfg, store)
-    inputs = store  # what the adapters read: cached features, or (blocks) the backbone's inputs
-    if cfg.model.adapter.placement == "blocks":
-        from rcsr_ray.models.blocks import BlocksFederation  # loads open_clip only when asked for
-
-        federation = BlocksFederation.wrap(federation, cfg)
-        inputs = federation.store
-    strategy = make_strategy(cfg, federation.num_clients, federation.partition.num_clusters, store.dim)
-    train_fed = PooledFederation(federation) if strategy.name == "central" else federation
-    evaluator = GlobalEvaluator(inputs, cfg)
-    params = evaluator.model.flat.clone()  # the run's initial adapters
-    zeroshot = evaluator(params)
-    rounds = training_rounds(cfg)
-    rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
-    counts = {"completed_client_rounds": 0, "dropped_client_rounds": 0}
-    run_name = Path(out_dir).name if out_dir is not None else None
-    # From here until its results are written, this run is the folder's only writer.
+    # From the folder's check until its results are written, this run is the folder's only writer.
     with FolderLock(Path(out_dir)) if out_dir is not None else contextlib.nullcontext():
         if out_dir is not None:
-            check(Path(out_dir), cfg, locked=True)  # again: another run may have written it meanwhile
+            check(Path(out_dir), cfg, locked=True)  # before the work of setting up
+        store = open_store(cfg)
+        federation = build_federation(cfg, store)
+        inputs = store  # what the adapters read: cached features, or (blocks) the backbone's inputs
+        if cfg.model.adapter.placement == "blocks":
+            from rcsr_ray.models.blocks import BlocksFederation  # loads open_clip only when asked for
+
+            federation = BlocksFederation.wrap(federation, cfg)
+            inputs = federation.store
+        strategy = make_strategy(cfg, federation.num_clients, federation.partition.num_clusters, store.dim)
+        train_fed = PooledFederation(federation) if strategy.name == "central" else federation
+        evaluator = GlobalEvaluator(inputs, cfg)
+        params = evaluator.model.flat.clone()  # the run's initial adapters
+        zeroshot = evaluator(params)
+        rounds = training_rounds(cfg)
+        rows = [{"round": 0, "seconds": 0.0, **zeroshot}]
+        counts = {"completed_client_rounds": 0, "dropped_client_rounds": 0}
+        run_name = Path(out_dir).name if out_dir is not None else None
         start = 1
         ckpt = checkpoint.load(out_dir, cfg) if out_dir is not None and rounds else None
         if ckpt is not None and ckpt["round"] > rounds:

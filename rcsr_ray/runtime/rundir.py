@@ -7,16 +7,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rcsr_ray.config import Config, dump_yaml
+from rcsr_ray.config import Config
 from rcsr_ray.data.partition import summary_frame
 from rcsr_ray.eval.plots import pyplot, save_round_plot
-from rcsr_ray.runtime.folder import CONFIG
 
 
 def write_run(out: Path, cfg: Config, rows: list[dict], summary: dict, params: torch.Tensor, federation,
               clients: pd.DataFrame, router_rows: list[dict] | None = None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(dump_yaml(cfg))
+    out.mkdir(parents=True, exist_ok=True)  # config.yaml is there already (`folder.write_config`)
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "metrics.csv", index=False)
     frame.to_parquet(out / "metrics.parquet", index=False)
