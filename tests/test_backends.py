@@ -141,6 +141,32 @@ def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
     assert SharedRows.create(3, 5, directory=str(tmp_path / "missing")) is None
 
 
+def test_broadcast_prototypes_ride_in_row_zero_where_they_fit():
+    from rcsr_ray.fl.rcsr_server import GlobalPrototypes
+    from rcsr_ray.runtime.ray_backend import _state_from_row, _state_into_row
+
+    protos = GlobalPrototypes(3, 4)
+    protos.update([{"image_sum": torch.randn(3, 4), "image_count": torch.tensor([2.0, 0.0, 1.0]),
+                    "text_sum": torch.randn(3, 4), "text_count": torch.tensor([0.0, 3.0, 1.0])}],
+                  torch.ones(1, dtype=torch.float64))
+    view = protos.client_view()
+    assert view["seen"].tolist() == [[True, False], [False, True], [True, True]]
+    tail = np.full(2 * 3 * 4 + 3 * 2 + 5, np.nan, dtype=np.float32)  # room to spare
+    where = _state_into_row(tail, view)
+    assert [name for name, _, _ in where] == ["image", "text", "seen"]
+    got = _state_from_row(tail, where)
+    for name in view:
+        assert got[name].dtype == view[name].dtype and torch.equal(got[name], view[name])
+    assert np.isnan(tail[-5:]).all()  # nothing written past them
+    tail[:] = 0  # the next round writes the row again: what was read stays
+    assert torch.equal(got["image"], view["image"])
+    # Where they do not fit, or are of another dtype, nothing is written: they travel in the round.
+    short = np.zeros(2 * 3 * 4 + 3 * 2 - 1, dtype=np.float32)
+    assert _state_into_row(short, view) is None and not short.any()
+    assert _state_into_row(tail, {"image": view["image"].double()}) is None
+    assert _state_into_row(tail, None) is None
+
+
 def test_tail_pool_hands_the_last_clients_to_whoever_is_free(tmp_path):
     from rcsr_ray.runtime.shared_rows import TailPool
 
@@ -290,6 +316,8 @@ def test_stateless_rounds_are_taken_over_and_stay_identical(small_config, ray_se
         assert backends["ray"].shared_prototypes == (6 * cfg.fed.rounds if shared else 0)
         # On the driver's machine the round rides in each actor's first chunk, params in shared memory.
         assert backends["ray"].rounds_put == (0 if shared else cfg.fed.rounds)
+        # And so do the global prototypes, in row 0 after the params.
+        assert backends["ray"].state_in_row == (cfg.fed.rounds if shared else 0)
     finally:
         backends["ray"].shutdown()
     assert torch.equal(params["local"], params["ray"])

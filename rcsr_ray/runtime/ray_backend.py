@@ -52,8 +52,9 @@ NO_MATRIX = "no shared matrix"  # got a light round but cannot open the shared m
 # The round's last clients, this many per actor that can claim them (or fewer), go to the tail pool
 # (`TailPool`): about the uneven finish measured with chunks alone (17-28 ms, a client or two).
 TAIL_PER_ACTOR = 2
-# A light round whose prototypes are larger than this is put in the object store once, not sent
-# inline with every actor's first chunk (Ray puts an argument over 100 KB per call by itself).
+# A light round whose prototypes are larger than this, and do not fit in row 0 of the shared matrix
+# beside the params, is put in the object store once, not sent inline with every actor's first
+# chunk (Ray puts an argument over 100 KB per call by itself).
 INLINE_BYTES = 64 * 1024
 # Guests' data an actor keeps after their updates, the least recently run dropped first: the same
 # clients tend to be taken over round after round (the smallest, the last by id), and reading one
@@ -84,9 +85,12 @@ class RoundArgs:
     shared: tuple | None  # (path, shape, node id, params' length) of that matrix; None: deltas come back as results
     federation: list | None  # [its object-store ref], for an actor that Ray restarted since; light: None
     pool: tuple | None = None  # the call's TailPool (its `spec`); None: no pool
+    state_row: tuple | None = None  # light: where the broadcast's prototypes sit in row 0 (`_state_into_row`)
 
-    def light(self) -> "RoundArgs":
-        return replace(self, state=replace(self.state, params=None), federation=None)
+    def light(self, state_row: tuple | None) -> "RoundArgs":
+        protos = None if state_row else self.state.prototypes
+        return replace(self, state=replace(self.state, params=None, prototypes=protos), federation=None,
+                       state_row=state_row)
 
 
 @ray.remote
@@ -145,8 +149,11 @@ class ClientActor:
                 if self.writer.array is None or (self.worker is None and round_args.federation is None):
                     self.round = None
                     return NO_ROUND if self.writer.array is not None else NO_MATRIX
-                # A copy: the driver writes the next call's params there.
-                round_args.state.params = torch.from_numpy(np.array(self.writer.array[0, :shared[3]]))
+                # Copies: the driver writes the next call's round there.
+                row = self.writer.array[0]
+                round_args.state.params = torch.from_numpy(np.array(row[:shared[3]]))
+                if round_args.state_row:
+                    round_args.state.prototypes = _state_from_row(row[shared[3]:], round_args.state_row)
         r = self.round
         if r is None or r.call != call:
             return NO_ROUND  # restarted by Ray since the call's first chunk
@@ -214,6 +221,33 @@ class ClientActor:
     def evaluate_local(self, params: torch.Tensor, clients: list[int], federation: list) -> list[dict]:
         worker = self._serve(federation)
         return [worker.evaluate_local(c, params) for c in clients]
+
+
+def _state_into_row(tail: np.ndarray, tensors: dict[str, torch.Tensor] | None) -> tuple | None:
+    """Write the broadcast's prototypes (float32 and bool tensors) one after another into `tail`,
+    row 0 of the shared matrix after the params, and return where they are: (name, shape, is bool)
+    each. None, writing nothing, when there are none or they do not fit (a client row holds as many
+    per-cluster values as the broadcast when the clients report prototypes, RCSR's case)."""
+    if not tensors or any(t.dtype not in (torch.float32, torch.bool) for t in tensors.values()) \
+            or sum(t.numel() for t in tensors.values()) > len(tail):
+        return None
+    where, offset = [], 0
+    for name, t in tensors.items():
+        tail[offset:offset + t.numel()] = t.detach().cpu().reshape(-1).numpy()  # bool: 0.0 or 1.0, exact
+        where.append((name, tuple(t.shape), t.dtype == torch.bool))
+        offset += t.numel()
+    return tuple(where)
+
+
+def _state_from_row(tail: np.ndarray, where: tuple) -> dict[str, torch.Tensor]:
+    """Copies of the tensors `_state_into_row` wrote into `tail`."""
+    tensors, offset = {}, 0
+    for name, shape, is_bool in where:
+        n = math.prod(shape)
+        t = torch.from_numpy(np.array(tail[offset:offset + n])).view(shape)
+        tensors[name] = t != 0 if is_bool else t
+        offset += n
+    return tensors
 
 
 def _leave_in_row(update: ClientUpdate, row: torch.Tensor) -> tuple[str, ...]:
@@ -320,6 +354,7 @@ class RayBackend:
         self.pool_updates = 0  # client updates an actor claimed from it
         self.resent_chunks = 0  # chunks sent again with the full round to an actor restarted since it got one
         self.rounds_put = 0  # calls whose round went through the object store (some actor off this machine)
+        self.state_in_row = 0  # calls whose broadcast prototypes rode in the shared matrix's row 0
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
@@ -349,8 +384,11 @@ class RayBackend:
         light = None
         if shared:
             shared.array[0, :layout.params] = state.params.numpy()
-            light = full.light()
-            protos = state.prototypes or {}
+            state_row = _state_into_row(shared.array[0, layout.params:], state.prototypes) \
+                if self.node in self.nodes else None  # nobody here to read it otherwise
+            self.state_in_row += state_row is not None
+            light = full.light(state_row)
+            protos = light.state.prototypes or {}
             if sum(t.numel() * t.element_size() for t in protos.values()) > INLINE_BYTES:
                 light = ray.put(light)
         full_ref = None
