@@ -143,7 +143,8 @@ def test_shared_rows_hand_over_rows_and_clean_up(tmp_path):
 
 def test_broadcast_prototypes_ride_in_row_zero_where_they_fit():
     from rcsr_ray.fl.rcsr_server import GlobalPrototypes
-    from rcsr_ray.runtime.ray_backend import _state_from_row, _state_into_row
+    from rcsr_ray.fl.client import GlobalState
+    from rcsr_ray.runtime.ray_backend import RoundArgs, _state_from_row, _state_into_row
 
     protos = GlobalPrototypes(3, 4)
     protos.update([{"image_sum": torch.randn(3, 4), "image_count": torch.tensor([2.0, 0.0, 1.0]),
@@ -165,6 +166,10 @@ def test_broadcast_prototypes_ride_in_row_zero_where_they_fit():
     assert _state_into_row(short, view) is None and not short.any()
     assert _state_into_row(tail, {"image": view["image"].double()}) is None
     assert _state_into_row(tail, None) is None
+    # The light round an actor on this machine gets leaves them out when they are in the row.
+    full = RoundArgs(1, GlobalState(torch.zeros(3), view), None, 0, 1, 0, {}, None, [None])
+    assert full.light(where).state.prototypes is None and full.light(where).state_row == where
+    assert full.light(None).state.prototypes is view and full.state.prototypes is view
 
 
 def test_tail_pool_hands_the_last_clients_to_whoever_is_free(tmp_path):

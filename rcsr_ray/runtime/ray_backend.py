@@ -354,7 +354,7 @@ class RayBackend:
         self.pool_updates = 0  # client updates an actor claimed from it
         self.resent_chunks = 0  # chunks sent again with the full round to an actor restarted since it got one
         self.rounds_put = 0  # calls whose round went through the object store (some actor off this machine)
-        self.state_in_row = 0  # calls whose broadcast prototypes rode in the shared matrix's row 0
+        self.state_in_row = 0  # calls that sent an actor a light round whose prototypes were in row 0
 
     def train(self, state: GlobalState, clients: np.ndarray, settings: ClientSettings, seed: int,
               round_idx: int, attempt: int = 0) -> tuple[list[ClientUpdate], list[int]]:
@@ -381,22 +381,24 @@ class RayBackend:
         full = RoundArgs(self.calls, state, settings, seed, round_idx, attempt, rows,
                          shared and (shared.path, shared.shape, self.node, layout.params), self.federation_arg,
                          pool and pool.spec)
-        light = None
+        light, state_row = None, None
         if shared:
             shared.array[0, :layout.params] = state.params.numpy()
             state_row = _state_into_row(shared.array[0, layout.params:], state.prototypes) \
                 if self.node in self.nodes else None  # nobody here to read it otherwise
-            self.state_in_row += state_row is not None
             light = full.light(state_row)
             protos = light.state.prototypes or {}
             if sum(t.numel() * t.element_size() for t in protos.values()) > INLINE_BYTES:
                 light = ray.put(light)
-        full_ref = None
+        full_ref, state_row_sent = None, False
 
         def round_for(actor: int, resend: bool = False):
             """The round as `actor` gets it: light on the driver's machine, else the full one's ref."""
-            nonlocal full_ref
+            nonlocal full_ref, state_row_sent
             if light is not None and not resend and self.nodes[actor] == self.node:
+                if state_row and not state_row_sent:
+                    state_row_sent = True
+                    self.state_in_row += 1
                 return light
             if full_ref is None:
                 full_ref = ray.put(full)
