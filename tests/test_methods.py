@@ -11,9 +11,9 @@ from rcsr_ray.cli import main
 from rcsr_ray.data.federation import build_federation
 from rcsr_ray.data.partition import PAIRED
 from rcsr_ray.eval.personal import summarize_clients
-from rcsr_ray.fl.client import ClientSettings, ClientWorker, GlobalState, moon_loss
+from rcsr_ray.fl.client import ClientSettings, ClientWorker, GlobalState, moon_loss, proximal_term
 from rcsr_ray.fl.strategy import make_strategy
-from rcsr_ray.models.adapters import AdapterPair
+from rcsr_ray.models.adapters import AdapterPair, flat_views
 from rcsr_ray.runtime.loop import run_simulation
 from tests.conftest import SMALL
 
@@ -70,6 +70,59 @@ def test_moon_term_and_update(small_config):
     # Later, with a previous local model that differs from the global one, the term acts.
     b = worker.update(c, GlobalState(params), moon, 0, 1)
     assert not torch.equal(a.delta, b.delta)
+
+
+@pytest.mark.parametrize("mu", [0.01, 0.3, 1.7])
+def test_proximal_term_has_autograds_bits(mu):
+    """FedProx's term, computed without autograd, gives the value and the summed gradient autograd
+    gives for 0.5*mu*sum_p ||p - a||^2 beside another loss, to the bit."""
+    g = torch.Generator().manual_seed(3)
+    model = AdapterPair(16, 4, init_scale=0.3, seed=1)
+    params = list(model.parameters())
+    target = model.flat.detach() + 0.1 * torch.randn(model.flat.shape, generator=g)
+    x, y = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+
+    def other_loss():
+        img, txt = model.encode(x, y)
+        return (img * txt).sum()
+
+    model.zero_grad()
+    by_autograd = other_loss() + 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, flat_views(target, params)))
+    by_autograd.backward()
+    expected = model.flat.grad.clone()
+    model.zero_grad()
+    value, grad = proximal_term(model.flat, target, mu, params)
+    loss = other_loss() + value
+    loss.backward()
+    model.flat.grad.add_(grad)
+    assert not value.requires_grad and value > 0
+    assert loss.item() == by_autograd.item() and torch.equal(model.flat.grad, expected)
+    # The gradient is the term's own: mu * (w - w_global).
+    torch.testing.assert_close(grad, mu * (model.flat.detach() - target))
+
+
+def test_a_batch_with_only_the_proximal_term_still_steps(small_config):
+    """An image-only client anchors only where the text prototype of a sample's cluster exists: a
+    batch without such a sample has no loss but FedProx's, which still takes its step, as it did when
+    autograd carried the term."""
+    cfg, fed, worker = _worker(small_config)
+    shard = fed.shard(int(np.flatnonzero(fed.partition.modality == PAIRED)[0]))
+    image_only = shard.__class__(**{**shard.__dict__, "modality": 1})  # its captions unused
+    slots = torch.from_numpy(shard.clusters)
+    seen = torch.zeros(fed.partition.num_clusters, 2, dtype=torch.bool)
+    seen[slots[0], :] = True  # only the first sample's cluster has prototypes
+    alone = int((slots == slots[0]).sum())
+    assert alone < shard.num_images - 2, "the test needs samples outside that cluster"
+    protos = {"image": torch.randn(fed.partition.num_clusters, fed.store.dim),
+              "text": torch.randn(fed.partition.num_clusters, fed.store.dim), "seen": seen}
+    params = worker.model.flat.clone()
+    steps = {}
+    for mu in (0.0, 0.5):
+        settings = ClientSettings(1, 2, 1e-2, 0.0, 0.07, anchor_weight=1.0, prox_mu=mu)
+        _, steps[mu] = worker._train(params, params, image_only, slots, protos, settings,
+                                     torch.Generator().manual_seed(0), {})
+    batches = shard.num_images // 2  # batch 2, one epoch (a last batch of one is skipped)
+    assert steps[0.0] <= alone < batches and steps[0.5] == batches
 
 
 def test_summarize_clients_by_hand():
