@@ -3,11 +3,13 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from rcsr_ray.data.federation import build_federation
 from rcsr_ray.data.partition import PAIRED
-from rcsr_ray.fl.client import ClientSettings, ClientUpdate, ClientWorker, GlobalState, anchor_loss
+from rcsr_ray.fl.client import (ClientSettings, ClientUpdate, ClientWorker, GlobalState, anchor_loss,
+                                anchor_targets)
 from rcsr_ray.fl.rcsr import AUTO_HISTORY_DIMS, UpdateHistory
 from rcsr_ray.fl.strategy import make_strategy
 from rcsr_ray.runtime.loop import run_simulation
@@ -52,6 +54,37 @@ def test_anchoring_reduces_distance_to_prototypes(small_config):
     worker._train(params, params, image_only, slots, protos, settings, torch.Generator().manual_seed(0), {})
     after = distance(worker.model.flat.clone())
     assert after < before - 0.05, (before, after)
+
+
+@pytest.mark.parametrize("mode", ["instance", "centroid"])
+@pytest.mark.parametrize("seen_share", [0.0, 0.6, 1.0])
+def test_anchor_loss_on_prepared_targets_has_the_same_bits(mode, seen_share):
+    """Prototypes normalised once (`anchor_targets`), and no row selection when every sample's cluster
+    is seen, give the loss and gradients of normalising the picked rows at every step."""
+    g = torch.Generator().manual_seed(1)
+    clusters, d = 7, 16
+    protos = {"image": torch.randn(clusters, d, generator=g), "text": torch.randn(clusters, d, generator=g),
+              "seen": torch.rand(clusters, 2, generator=g) < seen_share}
+    slots = torch.randint(clusters, (20,), generator=g)
+    results = []
+    for targets in (protos, anchor_targets(protos)):
+        img = torch.nn.functional.normalize(torch.randn(20, d, generator=torch.Generator().manual_seed(2)), dim=-1)
+        txt = torch.nn.functional.normalize(torch.randn(20, d, generator=torch.Generator().manual_seed(3)), dim=-1)
+        img.requires_grad_(), txt.requires_grad_()
+        loss = anchor_loss(img, txt, slots, targets, mode)
+        if loss.requires_grad:
+            loss.backward()
+        results.append((loss.detach(), img.grad, txt.grad))
+    (a, *grads_a), (b, *grads_b) = results
+    assert torch.equal(a, b) and all((x is None and y is None) or torch.equal(x, y) for x, y in zip(grads_a, grads_b))
+    assert (a > 0) == (seen_share > 0)  # the term is there exactly when some sample's cluster is seen
+    if seen_share == 1.0 and mode == "instance":  # by hand: every sample pulled to its cluster's other prototype
+        img = torch.nn.functional.normalize(torch.randn(20, d, generator=torch.Generator().manual_seed(2)), dim=-1)
+        txt = torch.nn.functional.normalize(torch.randn(20, d, generator=torch.Generator().manual_seed(3)), dim=-1)
+        cos = torch.nn.functional.cosine_similarity
+        expected = 0.5 * ((1 - cos(img, protos["text"][slots])).mean() + (1 - cos(txt, protos["image"][slots])).mean())
+        torch.testing.assert_close(a, expected)
+    assert anchor_targets(None) is None
 
 
 def test_anchoring_off_removes_the_term(small_config):

@@ -239,7 +239,7 @@ class ClientWorker:
         own = self.state[client]
         has_img, has_txt = shard.has_image, shard.has_text
         slots = self._tensors(shard)[2]
-        anchors = _to(state.prototypes, self.device) if settings.anchor_weight > 0 else None
+        anchors = anchor_targets(_to(state.prototypes, self.device)) if settings.anchor_weight > 0 else None
         trainable = shard.num_images >= 2 and (shard.modality == PAIRED or (
             anchors is not None and bool(anchors["seen"][slots, 1 if has_img else 0].any())))
         if not trainable:
@@ -470,29 +470,41 @@ def local_retrieval(model: AdapterPair, params: torch.Tensor, shard: ClientShard
     return out
 
 
+def anchor_targets(protos: dict | None) -> dict | None:
+    """The global prototypes with each modality's also normalised ("image_unit", "text_unit"), for
+    `anchor_loss` to pick rows from: the same bits as normalising the picked rows (row by row)."""
+    if protos is None:
+        return None
+    return {**protos, **{f"{name}_unit": F.normalize(protos[name], dim=-1) for name in ("image", "text")}}
+
+
 def anchor_loss(img: torch.Tensor | None, txt: torch.Tensor | None, slots: torch.Tensor, protos: dict,
                 mode: str = "instance") -> torch.Tensor:
     """(1 - cos) to the other modality's global prototype of the same cluster.
 
     mode "instance": every adapted embedding is pulled (METHOD.md as written; collapses instances
     toward the cluster mean). "centroid": the batch's per-cluster mean embedding is pulled, which
-    moves clusters into place without squeezing the instances inside them.
+    moves clusters into place without squeezing the instances inside them. `protos` as
+    `anchor_targets` makes them saves normalising the picked prototypes at every step.
     """
     terms = []
     for emb, target, col in ((img, "text", 1), (txt, "image", 0)):
         if emb is None:
             continue
         seen = protos["seen"][slots, col]
-        if not seen.any():
-            continue
-        emb, where = emb[seen], slots[seen]
+        where = slots
+        if not bool(seen.all()):  # all seen, as soon as every cluster has both prototypes: no copies
+            if not seen.any():
+                continue
+            emb, where = emb[seen], slots[seen]
         if mode == "centroid":
             where, inverse, counts = torch.unique(where, return_inverse=True, return_counts=True)
             means = emb.new_zeros(len(where), emb.shape[1]).index_add(0, inverse, emb)
             cos = F.cosine_similarity(means, protos[target][where], dim=-1)
             terms.append(((1 - cos) * counts).sum() / counts.sum())
         else:
-            goal = F.normalize(protos[target][where], dim=-1)
+            unit = protos.get(f"{target}_unit")
+            goal = unit[where] if unit is not None else F.normalize(protos[target][where], dim=-1)
             terms.append((1 - (emb * goal).sum(-1)).mean())
     return torch.stack(terms).mean() if terms else protos["seen"].new_zeros((), dtype=torch.float32)
 
