@@ -101,6 +101,45 @@ def test_proximal_term_has_autograds_bits(mu):
     torch.testing.assert_close(grad, mu * (model.flat.detach() - target))
 
 
+@pytest.mark.parametrize("method", ["fedprox", "rcsr"])
+def test_client_updates_with_the_proximal_term_are_autograds(small_config, monkeypatch, method):
+    """Client updates with the term's gradient added by hand are, to the bit, those of the loop with
+    autograd carrying the term (a `proximal_term` whose value keeps its graph and whose own gradient
+    is zero), and differ from updates without the term."""
+    import rcsr_ray.fl.client as client
+
+    cfg, fed, worker = _worker(small_config, **{"fed.method": method, "fed.prox_mu": 0.5, "rcsr.prox_mu": 0.5})
+    strategy = make_strategy(cfg, fed.num_clients, fed.partition.num_clusters, fed.store.dim)
+    params = worker.model.flat.clone()
+    state = strategy.broadcast(1, params)
+    if method == "rcsr":  # prototypes to anchor to, so that unimodal clients train too
+        protos = strategy.prototypes
+        state.prototypes = {"image": torch.randn(protos.num_clusters, fed.store.dim),
+                            "text": torch.randn(protos.num_clusters, fed.store.dim),
+                            "seen": torch.ones(protos.num_clusters, 2, dtype=torch.bool)}
+    settings = strategy.client_settings(1)
+    assert settings.prox_mu == 0.5
+
+    def updates(s):
+        return [worker.update(c, state, s, 0, 1) for c in range(fed.num_clients)]
+    by_hand = updates(settings)
+
+    def autograd_term(flat, target, mu, like):
+        value = 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(like, flat_views(target, like)))
+        return value, torch.zeros_like(flat)
+    monkeypatch.setattr(client, "proximal_term", autograd_term)
+    by_autograd = updates(settings)
+    without = updates(ClientSettings(**{**settings.__dict__, "prox_mu": 0.0}))
+    trained = [i for i, u in enumerate(by_hand) if u.delta is not None]
+    assert len(trained) >= 3
+    for i in trained:
+        a, b = by_hand[i], by_autograd[i]
+        assert torch.equal(a.delta, b.delta) and repr(a.loss) == repr(b.loss) and a.steps == b.steps
+    # The term's gradient is 0 at the first step (the weights start at the global ones): it acts from the second.
+    several = [i for i in trained if by_hand[i].steps >= 2]
+    assert several and all(not torch.equal(by_hand[i].delta, without[i].delta) for i in several)
+
+
 def test_a_batch_with_only_the_proximal_term_still_steps(small_config):
     """An image-only client anchors only where the text prototype of a sample's cluster exists: a
     batch without such a sample has no loss but FedProx's, which still takes its step, as it did when
